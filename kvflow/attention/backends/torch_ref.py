@@ -1,0 +1,82 @@
+"""Plain-torch attention over the paged cache: the CPU path and the oracle for kernels."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kvflow.attention.backends.base import BaseAttentionBackend
+from kvflow.attention.metadata import AttentionMetadata
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """kv_cache[:, slot] = (k, v) for each new token (in place)."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [seq_len, Hkv, D] of one request, read through its block table."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    keys = kv_cache[0, blocks].reshape(-1, *kv_cache.shape[3:])[:seq_len]
+    values = kv_cache[1, blocks].reshape(-1, *kv_cache.shape[3:])[:seq_len]
+    return keys, values
+
+
+def attention_reference(
+    q: torch.Tensor,  # [L, H, D]
+    keys: torch.Tensor,  # [C, Hkv, D]
+    values: torch.Tensor,  # [C, Hkv, D]
+    *,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal attention of L queries that sit at the last L positions of a C-token context."""
+    q_len, num_heads, _ = q.shape
+    ctx_len, num_kv_heads, _ = keys.shape
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=1)  # [C, H, D]
+    values = values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), keys.float()) * scale  # [H, L, C]
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+    k_pos = torch.arange(ctx_len, device=q.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    if alibi_slopes is not None:
+        rel = (k_pos - q_pos).float()  # [L, C]
+        scores = scores + alibi_slopes.float()[:, None, None] * rel[None]
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hqk,khd->qhd", probs, values.float())
+    return out.to(q.dtype)
+
+
+class TorchAttentionBackend(BaseAttentionBackend):
+    """Loops over the requests of the batch; slow, obvious, exact."""
+
+    def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, *, scale,
+                sliding_window=None, alibi_slopes=None):
+        write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
+        out = torch.empty_like(q)
+        starts = metadata.query_start_loc_cpu
+        for b, seq_len in enumerate(metadata.seq_lens_cpu):
+            lo, hi = starts[b], starts[b + 1]
+            if hi == lo:
+                continue
+            keys, values = gather_context(kv_cache, metadata.block_tables[b], seq_len)
+            out[lo:hi] = attention_reference(
+                q[lo:hi], keys, values, scale=scale,
+                sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+            )
+        return out

@@ -1,0 +1,310 @@
+"""The scheduler: one token budget per step, running requests first, then waiting ones.
+
+Why one budget instead of prefill and decode phases: a step is a flat batch of
+tokens, and a decode is just a request with one new token. Each step spends
+``max_num_batched_tokens`` on, in order,
+
+1. every running request's next tokens (1 for a decode, the rest of its
+   prompt for a chunked prefill, cut to what the budget has left);
+2. waiting requests, oldest first, after a prefix-cache lookup, their
+   prompts split into chunks when they do not fit.
+
+When the pool has no block left for a running request, the newest running
+request is preempted: its blocks are freed and it goes back to the head of the
+queue, to be recomputed later (cheap with prefix caching).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.core.request import Request, RequestStatus
+from kvflow.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen yet (or see again after a preemption)."""
+
+    req_id: str
+    all_token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the workers already know: only what changed since its last step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    """Tokens appended since it was last scheduled (the ones sampled meanwhile)."""
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes; the workers' only input besides the weights."""
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    """Tokens each scheduled request computes this step, in batch order."""
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    """Requests that ended since the last step: workers drop their state."""
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the workers return: one sampled token per request that reached its end."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, object] = field(default_factory=dict)
+    """req_id -> (top ids, top logprobs, sampled rank) for requests asking logprobs."""
+    prompt_logprobs: dict[str, object] = field(default_factory=dict)
+    """req_id -> this chunk's prompt logprobs, for requests asking for them."""
+
+
+@dataclass
+class EngineCoreOutput:
+    """The new tokens of one request after a step, and whether it ended."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+    new_logprobs: Optional[object] = None
+    new_prompt_logprobs: Optional[object] = None
+    num_cached_tokens: int = 0
+
+
+class Scheduler:
+    """Decides, each step, which tokens of which requests to compute."""
+
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()
+        self._known_to_workers: set[str] = set()
+        self._last_sent_len: dict[str, int] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ intake
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use.")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Ends requests from outside (abort, or a stop string found by detokenizing)."""
+        assert status.is_finished
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        if request.request_id in self._known_to_workers:
+            self._finished_ids.add(request.request_id)
+            self._known_to_workers.discard(request.request_id)
+        self._last_sent_len.pop(request.request_id, None)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: set[str] = set()
+
+        def emit(request: Request, fresh_ids: list[int], num_tokens: int) -> None:
+            num_scheduled[request.request_id] = num_tokens
+            req_id = request.request_id
+            if req_id not in self._known_to_workers:
+                self._known_to_workers.add(req_id)
+                new_reqs.append(NewRequestData(
+                    req_id=req_id,
+                    all_token_ids=list(request.all_token_ids),
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    sampling_params=request.sampling_params,
+                    block_ids=self.kv_cache_manager.block_ids(req_id),
+                    num_computed_tokens=request.num_computed_tokens,
+                ))
+            else:
+                sent = self._last_sent_len[req_id]
+                cached_reqs.append(CachedRequestData(
+                    req_id=req_id,
+                    new_token_ids=request.all_token_ids[sent:],
+                    new_block_ids=fresh_ids,
+                    num_computed_tokens=request.num_computed_tokens,
+                ))
+            self._last_sent_len[req_id] = request.num_tokens
+
+        # 1. Running requests, oldest first; preempt from the newest end.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            fresh = self.kv_cache_manager.allocate_slots(request, num_new)
+            while fresh is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is request:
+                    break
+                fresh = self.kv_cache_manager.allocate_slots(request, num_new)
+            if fresh is None:
+                break
+            emit(request, [b.block_id for b in fresh], num_new)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, unless this step had to preempt (no room to grow).
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and not preempted \
+                and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            parent = request.fork_parent
+            if parent is not None and not parent.is_finished and \
+                    parent.num_computed_tokens < parent.num_prompt_tokens:
+                # A sibling of n > 1 waits for the shared prompt to be computed.
+                skipped.append(self.waiting.popleft())
+                continue
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            if not hits and parent is not None:
+                hits, num_hit_tokens = self.kv_cache_manager.get_fork_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            fresh = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            if fresh is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            emit(request, [b.block_id for b in fresh], num_new)
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+
+        finished = self._finished_ids
+        self._finished_ids = set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+            preempted_req_ids=preempted,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # Workers forget it; it comes back as a new request with all its tokens.
+        if request.request_id in self._known_to_workers:
+            self._known_to_workers.discard(request.request_id)
+            self._finished_ids.add(request.request_id)
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------------ update
+    def update_from_output(self, sched: SchedulerOutput,
+                           model_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advances computed counts, appends sampled tokens, ends stopped requests."""
+        outputs: list[EngineCoreOutput] = []
+        for req_id, num_tokens in sched.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += num_tokens
+            token = model_output.sampled_token_ids.get(req_id)
+            prompt_lp = model_output.prompt_logprobs.get(req_id)
+            if token is None:
+                if prompt_lp is not None:
+                    outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=prompt_lp,
+                                                    num_cached_tokens=request.num_cached_tokens or 0))
+                continue
+            request.append_output_token(token)
+            status, stop_reason = self._check_stop(request, token)
+            out = EngineCoreOutput(
+                req_id=req_id,
+                new_token_ids=[token],
+                new_logprobs=model_output.logprobs.get(req_id),
+                new_prompt_logprobs=prompt_lp,
+                num_cached_tokens=request.num_cached_tokens or 0,
+            )
+            if status is not None:
+                request.stop_reason = stop_reason
+                self.running.remove(request)
+                request.status = status
+                self._free(request)
+                out.finish_reason = status.finish_reason
+                out.stop_reason = stop_reason
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, request: Request, token: int
+                    ) -> tuple[Optional[RequestStatus], Union[int, str, None]]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
+            # vLLM's convention: stop_reason is the id for a stop token, None for EOS.
+            is_eos = token in params.eos_token_ids and token not in (params.stop_token_ids or [])
+            return RequestStatus.FINISHED_STOPPED, (None if is_eos else token)
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def check_integrity(self) -> None:
+        """Debug/test check: blocks conserved, every live request in exactly one queue."""
+        self.kv_cache_manager.check_integrity()
+        ids = [r.request_id for r in self.waiting] + [r.request_id for r in self.running]
+        assert len(ids) == len(set(ids)) == len(self.requests), "request in two queues or lost"
+        for req_id in self.kv_cache_manager.req_to_blocks:
+            assert req_id in self.requests, f"finished request {req_id} still holds blocks"

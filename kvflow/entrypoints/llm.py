@@ -1,0 +1,155 @@
+"""The offline entry point: ``LLM(model=...).generate(...)`` / ``.chat(...)``, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Optional, Sequence, Union
+
+from kvflow.config import EngineArgs
+from kvflow.engine.llm_engine import LLMEngine, PromptType
+from kvflow.engine.output_processor import RequestOutputKind
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generates text for batches of prompts with continuous batching.
+
+    Takes the engine options of ``EngineArgs`` (vLLM's names) as keyword
+    arguments; an unknown name is a ValueError listing the known ones.
+    """
+
+    def __init__(self, model: str = "", **kwargs: Any) -> None:
+        if not model:
+            from kvflow.models.gguf import default_model_path
+
+            model = default_model_path()
+        args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(args)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.get_tokenizer()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams()
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType], None] = None,
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        *,
+        prompt_token_ids: Optional[list[list[int]]] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; returns outputs in input order."""
+        items = self._normalize_prompts(prompts, prompt_token_ids)
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(items)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(items)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(items):
+                raise ValueError(f"{len(params_list)} SamplingParams were given for "
+                                 f"{len(items)} prompts; pass one, or one per prompt.")
+        ids = []
+        try:
+            for item, params in zip(items, params_list):
+                rid = str(next(self._counter))
+                self.llm_engine.add_request(rid, item, params,
+                                            output_kind=RequestOutputKind.FINAL_ONLY)
+                ids.append(rid)
+        except Exception:
+            self.llm_engine.abort_request(ids)  # queue all or nothing
+            raise
+        return self._run_engine(ids, use_tqdm)
+
+    @staticmethod
+    def _normalize_prompts(prompts: Any, prompt_token_ids: Optional[list[list[int]]]
+                           ) -> list[PromptType]:
+        if prompt_token_ids is not None:
+            return [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("generate() needs prompts (or prompt_token_ids).")
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+            return [{"prompt_token_ids": list(prompts)}]
+        return list(prompts)
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                       postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        start = time.perf_counter()
+        in_tokens = out_tokens = 0
+        wanted = set(request_ids)
+        try:
+            while engine.has_unfinished_requests() and len(results) < len(wanted):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            in_tokens += len(out.prompt_token_ids)
+                            out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                            elapsed = time.perf_counter() - start
+                            bar.postfix = (f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                                           f"output: {out_tokens / elapsed:.2f} toks/s")
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in results])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in request_ids if r in results]
+
+    # ------------------------------------------------------------------ chat
+    def chat(
+        self,
+        messages: Union[list[dict], list[list[dict]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to one conversation or a list, then generates."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": apply_chat_template(
+                        self.get_tokenizer(), conv, chat_template=chat_template,
+                        add_generation_prompt=add_generation_prompt,
+                        continue_final_message=continue_final_message,
+                        **(chat_template_kwargs or {}))}
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def apply_chat_template(tokenizer: Any, conversation: list[dict], *,
+                        chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False, **kwargs: Any) -> list[int]:
+    """Token ids of a conversation rendered with the model's (or the given) chat template."""
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer; skip_tokenizer_init=True has none.")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("The tokenizer has no chat template; pass chat_template=... "
+                         "(a Jinja string).")
+    for i, msg in enumerate(conversation):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}.")
+    text = tokenizer.apply_chat_template(
+        conversation, chat_template=chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt and not continue_final_message,
+        continue_final_message=continue_final_message, **kwargs)
+    # The template already holds the BOS text; don't add it twice.
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,35 @@
+"""Environment variables read by kvflow: one module, one prefix, loud on bad values."""
+
+from __future__ import annotations
+
+import os
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number.") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be > 0.")
+    return value
+
+
+def cpu_kv_cache_space_gib() -> float:
+    """GiB of host memory for the KV cache on CPU (KVFLOW_CPU_KVCACHE_SPACE, default 4)."""
+    return _float("KVFLOW_CPU_KVCACHE_SPACE", 4.0)
+
+
+def cache_root() -> str:
+    """Folder for converted checkpoints (KVFLOW_CACHE_ROOT, default ~/.cache/kvflow)."""
+    return os.environ.get("KVFLOW_CACHE_ROOT") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kvflow"
+    )
+
+
+def api_key() -> str | None:
+    """Default for ``kvflow serve --api-key`` (KVFLOW_API_KEY)."""
+    return os.environ.get("KVFLOW_API_KEY") or None

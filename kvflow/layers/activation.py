@@ -1,0 +1,15 @@
+"""Gated activations of the MLPs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    """[T, 2I] -> silu(x[:, :I]) * x[:, I:] (the fused gate_up output of Llama's MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

@@ -1,0 +1,119 @@
+"""What every model implementation receives and provides."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from kvflow.attention.backends.base import BaseAttentionBackend
+from kvflow.attention.metadata import AttentionMetadata
+from kvflow.layers.linear import LinearMethod
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """Construction-time inputs shared by every layer of a model."""
+
+    dtype: torch.dtype
+    attn_backend: BaseAttentionBackend
+    linear_method: Callable[[str], Optional[LinearMethod]] = lambda prefix: None
+    """Quantization hook: the method for the linear layer at ``prefix`` (None = plain)."""
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """The few numbers the engine needs before building the model (cache sizing, TP checks)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: Optional[int]
+
+
+def get_cfg(cfg: Any, *names: str, default: Any = None) -> Any:
+    """First attribute of ``cfg`` among ``names`` that is set (checkpoints disagree on names)."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is None and isinstance(cfg, dict):
+            value = cfg.get(name)
+        if value is not None:
+            return value
+    return default
+
+
+class CausalLM(nn.Module):
+    """A decoder-only model over flat token batches and a paged KV cache."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, hf_config: Any) -> ModelDescription: ...
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden]."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [N, V] for the N rows of ``hidden`` to sample from."""
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copies checkpoint tensors (HF names) into the parameters; returns those loaded."""
+
+
+def load_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 stacked: list[tuple[str, str, Any]],
+                 rename: Callable[[str], Optional[str]] = lambda n: n) -> set[str]:
+    """The loading loop every model shares.
+
+    ``stacked`` maps checkpoint sub-names to fused parameters: a tuple
+    ("qkv_proj", "q_proj", "q") says ``...q_proj.weight`` goes into the "q"
+    shard of ``...qkv_proj.weight``. ``rename`` maps a checkpoint name to the
+    parameter name (None skips it, e.g. rotary buffers).
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for ckpt_name, tensor in weights:
+        name = rename(ckpt_name)
+        if name is None:
+            continue
+        for fused, part, shard_id in stacked:
+            if f".{part}." in name:
+                target = name.replace(f".{part}.", f".{fused}.")
+                if target in params:
+                    param = params[target]
+                    param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
+                    loaded.add(target)
+                    break
+        else:
+            if name not in params:
+                continue
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor)
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(param.shape)}.")
+                param.data.copy_(tensor)
+            loaded.add(name)
+    return loaded
+
+
+def bind_weight_loaders(model: nn.Module) -> None:
+    """Gives each parameter the loader of the module that owns it (sharding-aware)."""
+    for module in model.modules():
+        loader = getattr(module, "weight_loader", None)
+        if loader is None:
+            continue
+        for param in module.parameters(recurse=False):
+            if not hasattr(param, "weight_loader"):
+                param.weight_loader = loader  # type: ignore[attr-defined]
