@@ -28,9 +28,10 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -158,7 +159,9 @@ def _write_folder(src: str, out: str) -> None:
 
     reader = gguf.GGUFReader(src)
     if reader.byte_order != "I":
-        raise ValueError(f"{src}: big-endian GGUF files are not supported; use a little-endian one.")
+        raise ValueError(
+            f"{src}: big-endian GGUF files are not supported; use a little-endian one."
+        )
     meta = {name: field.contents() for name, field in reader.fields.items()}
     architecture = meta.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -168,15 +171,15 @@ def _write_folder(src: str, out: str) -> None:
         )
     # GGUF lists ne0 (the contiguous dimension) first; torch/numpy shapes list it last.
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
-    shape = _LlamaShape.from_metadata(meta, shapes, src)
-    config = _llama_config(meta, shape)
-    tokenizer = _build_tokenizer(meta, src)
-    tokenizer_config, special_tokens_map = _tokenizer_configs(meta, shape.max_position_embeddings)
     if "rope_freqs.weight" in shapes:
         raise ValueError(
             f"{src}: the file scales RoPE per frequency (tensor rope_freqs.weight, Llama 3.1 style); "
             "its parameters are not stored in GGUF metadata, so it cannot be converted exactly."
         )
+    shape = _LlamaShape.from_metadata(meta, shapes, src)
+    config = _llama_config(meta, shape)
+    tokenizer = _build_tokenizer(meta, src)
+    tokenizer_config, special_tokens_map = _tokenizer_configs(meta, shape.max_position_embeddings)
     names = {t.name: _hf_tensor_name(t.name, src) for t in reader.tensors}
     for gguf_name, hf_name in names.items():
         want = shape.expected(hf_name)
@@ -187,7 +190,9 @@ def _write_folder(src: str, out: str) -> None:
             )
 
     generation_config = {
-        key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config
+        key: config[key]
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if key in config
     }
     _write_json(os.path.join(out, "config.json"), config)
     _write_json(os.path.join(out, "generation_config.json"), generation_config)
@@ -198,7 +203,11 @@ def _write_folder(src: str, out: str) -> None:
     def weights() -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
         for tensor in reader.tensors:
             hf_name = names[tensor.name]
-            yield hf_name, shapes[tensor.name], lambda t=tensor, n=hf_name: _dequantize(t, n, shape, src)
+            yield (
+                hf_name,
+                shapes[tensor.name],
+                lambda t=tensor, n=hf_name: _dequantize(t, n, shape, src),
+            )
 
     _write_safetensors(os.path.join(out, "model.safetensors"), weights())
 
@@ -225,7 +234,11 @@ def _write_safetensors(
     offset = 0
     for name, shape, _ in entries:
         size = 4 * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -429,6 +442,8 @@ def _rope_scaling(meta: dict[str, Any]) -> dict[str, Any] | None:
         kind = "linear"  # older files state only the factor
     if kind == "none":
         return None
+    if factor is None:
+        raise ValueError(f"GGUF states RoPE scaling {kind!r} but no factor (rope.scaling.factor).")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
@@ -475,11 +490,22 @@ _QWEN2_SPLIT = (
 )
 _PRE_TOKENIZER_FAMILIES = {
     # GPT-2's own regex (built into the ByteLevel pre-tokenizer).
-    "default": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    "default": "gpt2",
+    "gpt2": "gpt2",
+    "mpt": "gpt2",
+    "olmo": "gpt2",
     # GPT-2's regex after cutting out every numeric character on its own.
-    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
-    "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3", "smaug-bpe": "llama3",
-    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2",
+    "smollm": "digits",
+    "starcoder": "digits",
+    "refact": "digits",
+    "codeshell": "digits",
+    "llama-bpe": "llama3",
+    "llama3": "llama3",
+    "llama-v3": "llama3",
+    "smaug-bpe": "llama3",
+    "qwen2": "qwen2",
+    "deepseek-r1-qwen": "qwen2",
+    "stablelm2": "qwen2",
 }
 
 
@@ -524,7 +550,9 @@ def _build_tokenizer(meta: dict[str, Any], src: str) -> Any:
             f"supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)} (byte-level BPE)."
         )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(
+        tokens
+    )
     alphabet = _byte_alphabet()
     alphabet_set = set(alphabet)
 
@@ -533,10 +561,15 @@ def _build_tokenizer(meta: dict[str, Any], src: str) -> Any:
             return text
         return "".join(alphabet[b] for b in text.encode("utf-8"))
 
-    is_whole = {TokenType.CONTROL, TokenType.USER_DEFINED}
+    named = {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    is_special = [t == TokenType.CONTROL or i in named for i, t in enumerate(token_types)]
+    is_whole = [
+        special or t == TokenType.USER_DEFINED for special, t in zip(is_special, token_types)
+    ]
+    # On duplicate texts the last id wins, as in transformers' GGUF loader.
     vocab = {
-        token if token_type in is_whole else spell(token): index
-        for index, (token, token_type) in enumerate(zip(tokens, token_types))
+        token if whole else spell(token): i
+        for i, (token, whole) in enumerate(zip(tokens, is_whole))
     }
     merges = []
     for merge in meta.get("tokenizer.ggml.merges") or ():
@@ -557,19 +590,16 @@ def _build_tokenizer(meta: dict[str, Any], src: str) -> Any:
     tokenizer.pre_tokenizer = _pre_tokenizer(pre_type, src)
     tokenizer.decoder = decoders.ByteLevel()
 
-    named = {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
-    special = [
-        AddedToken(token, special=True, normalized=False)
-        for index, (token, token_type) in enumerate(zip(tokens, token_types))
-        if token_type == TokenType.CONTROL or index in named
-    ]
-    user_defined = [
-        AddedToken(token, special=False, normalized=False)
-        for token, token_type in zip(tokens, token_types)
-        if token_type == TokenType.USER_DEFINED
-    ]
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens(user_defined)
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, sp in zip(tokens, is_special) if sp]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, sp, whole in zip(tokens, is_special, is_whole)
+            if whole and not sp
+        ]
+    )
 
     # BOS/EOS insertion lives in the post-processor, so every consumer of tokenizer.json agrees.
     ends = {}  # "bos"/"eos" -> (text, id), for the ends the file asks to add

@@ -20,7 +20,7 @@ from kvflow.models import gguf as gguf_convert
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 try:
     DEFAULT_PATH: str | None = gguf_convert.default_model_path()
@@ -66,7 +66,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = str(tmp_path_factory.mktemp("kvflow-cache"))
     start = time.perf_counter()
     folder = gguf_convert.convert_gguf(DEFAULT_PATH, cache_root=root)
-    print(f"first conversion of {os.path.basename(DEFAULT_PATH)}: {time.perf_counter() - start:.2f} s")
+    print(
+        f"first conversion of {os.path.basename(DEFAULT_PATH)}: {time.perf_counter() - start:.2f} s"
+    )
     return folder
 
 
@@ -132,7 +134,11 @@ def test_folder_has_hf_files_and_config(converted: str) -> None:
     assert sorted(os.listdir(converted)) == sorted(gguf_convert._FOLDER_FILES)
     config = transformers.AutoConfig.from_pretrained(converted)
     assert config.architectures == ["LlamaForCausalLM"]
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (576, 1536, 30)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        576,
+        1536,
+        30,
+    )
     assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
     assert config.max_position_embeddings == 8192 and config.vocab_size == 49152
     assert config.tie_word_embeddings is True
@@ -257,7 +263,9 @@ def test_second_call_reuses_the_cache(converted: str) -> None:
     weights = os.path.join(converted, "model.safetensors")
     mtime = os.stat(weights).st_mtime_ns
     start = time.perf_counter()
-    again = gguf_convert.convert_gguf(DEFAULT_PATH, cache_root=os.path.dirname(os.path.dirname(converted)))
+    again = gguf_convert.convert_gguf(
+        DEFAULT_PATH, cache_root=os.path.dirname(os.path.dirname(converted))
+    )
     assert time.perf_counter() - start < 0.5
     assert again == converted
     assert os.stat(weights).st_mtime_ns == mtime
@@ -358,7 +366,9 @@ def test_tiny_file_matches_transformers_gguf(tmp_path: Any, add_bos: bool) -> No
         assert got_tok(text).input_ids == want_tok(text).input_ids
     assert (got_tok("the").input_ids[0] == 0) is add_bos
 
-    want = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32)
+    want = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32
+    )
     got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     want_sd, got_sd = want.state_dict(), got.state_dict()
     assert set(got_sd) == set(want_sd)
