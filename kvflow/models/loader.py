@@ -52,14 +52,17 @@ def iterate_checkpoint(model_dir: str, load_format: str = "auto"
 
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
     """Small random weights (norms stay 1): real shapes for benchmarks, no checkpoint needed."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
-        if param.dtype.is_floating_point:
-            if "norm" in name:
-                param.data.fill_(1.0)
-            else:
-                cpu = torch.empty(param.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
-                param.data.copy_(cpu)
+        if not param.dtype.is_floating_point:
+            continue
+        if "norm" in name:
+            param.data.fill_(1.0)
+            continue
+        gen = gens.get(param.device)
+        if gen is None:  # drawn on the parameter's device: no 8B-parameter detour through host
+            gen = gens[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.data.uniform_(-0.02, 0.02, generator=gen)
 
 
 def load_model(model_config: ModelConfig, ctx: ModelContext, device: torch.device) -> CausalLM:

@@ -62,12 +62,69 @@ def attention_reference(
     return out.to(q.dtype)
 
 
+def padded_attention(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The same attention for the whole batch at once, padded to [B, max_q, ..., max_ctx].
+
+    Why: a Python loop over requests costs a dozen small kernel calls per
+    request and layer; padding turns a batch of decodes into a few batched calls.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    num_reqs = metadata.num_reqs
+    max_q, max_ctx = metadata.max_query_len, metadata.max_seq_len
+    num_blocks = -(-max_ctx // block_size)
+    tables = metadata.block_tables[:, :num_blocks].long()  # [B, nb]
+    keys = kv_cache[0][tables].reshape(num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
+    values = kv_cache[1][tables].reshape(num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
+    starts = metadata.query_start_loc.long()
+    q_lens = starts[1:] - starts[:-1]  # [B]
+    seq_lens = metadata.seq_lens.long()
+    # Scatter the flat queries into [B, max_q, H, D].
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs, device=q.device), q_lens)
+    idx_in_req = torch.arange(num_tokens, device=q.device) - starts[req_of_token]
+    q_pad = q.new_zeros(num_reqs, max_q, num_heads, head_dim)
+    q_pad[req_of_token, idx_in_req] = q
+    q_pad = q_pad.view(num_reqs, max_q, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bqkgd,blkd->bkgql", q_pad, keys.float()) * scale  # [B, Hkv, G, Lq, C]
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None]  # [B, Lq]
+    k_pos = torch.arange(num_blocks * block_size, device=q.device)
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, C]
+    if sliding_window is not None:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    if alibi_slopes is not None:
+        rel = (k_pos[None, None, :] - q_pos[:, :, None]).float()  # [B, Lq, C]
+        slopes = alibi_slopes.float().view(num_kv_heads, group)
+        scores = scores + slopes[None, :, :, None, None] * rel[:, None, None]
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # padded query rows are all -inf
+    out = torch.einsum("bkgql,blkd->bqkgd", probs, values.float())
+    out = out.reshape(num_reqs, max_q, num_heads, head_dim)
+    return out[req_of_token, idx_in_req].to(q.dtype)
+
+
+# Above this many score elements the padded path would waste too much memory: loop instead.
+_PADDED_LIMIT = 1 << 26
+
+
 class TorchAttentionBackend(BaseAttentionBackend):
-    """Loops over the requests of the batch; slow, obvious, exact."""
+    """Plain torch: the whole batch padded at once when small, else a loop over requests."""
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, *, scale,
                 sliding_window=None, alibi_slopes=None):
         write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
+        padded_size = metadata.num_reqs * q.shape[1] * metadata.max_query_len * metadata.max_seq_len
+        if padded_size <= _PADDED_LIMIT:
+            return padded_attention(q, kv_cache, metadata, scale=scale,
+                                    sliding_window=sliding_window, alibi_slopes=alibi_slopes)
         out = torch.empty_like(q)
         starts = metadata.query_start_loc_cpu
         for b, seq_len in enumerate(metadata.seq_lens_cpu):
