@@ -25,6 +25,7 @@ from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from kvflow.layers.sampler import Sampler, SamplingRow, top_logprobs
 from kvflow.models.base import CausalLM
 from kvflow.sampling_params import SamplingParams
+from kvflow.worker.cuda_graphs import CUDAGraphRunner
 
 
 @dataclass
@@ -43,8 +44,10 @@ class ModelRunner:
     """Owns the model and the KV cache tensors of one worker."""
 
     def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device, seed: int) -> None:
+                 device: torch.device, seed: int,
+                 graph_runner: Optional[CUDAGraphRunner] = None) -> None:
         self.model = model
+        self.graph_runner = graph_runner
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -77,6 +80,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ batch
     def _prepare(self, sched: SchedulerOutput):
+        """Builds the flat batch and runs the forward (replaying a CUDA graph for decodes)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -106,12 +110,17 @@ class ModelRunner:
             if end >= len(state.token_ids):
                 sample_rows.append(row0 + num - 1)
                 sample_reqs.append(state)
+        max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(len(seq_lens), max_query_len):
+            hidden = graphs.run(input_ids, positions, slots, seq_lens, tables)
+            return hidden, sample_rows, sample_reqs, prompt_lp
         width = max(len(t) for t in tables)
         block_tables = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
         metadata = AttentionMetadata(
             num_tokens=len(input_ids),
-            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:])),
+            max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
@@ -122,7 +131,8 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, metadata, sample_rows, sample_reqs, prompt_lp
+        hidden = self.model(ids, pos, self.kv_caches, metadata)
+        return hidden, sample_rows, sample_reqs, prompt_lp
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -130,8 +140,7 @@ class ModelRunner:
         self._update_states(sched)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(sampled_token_ids={})
-        ids, pos, metadata, sample_rows, sample_reqs, prompt_lp = self._prepare(sched)
-        hidden = self.model(ids, pos, self.kv_caches, metadata)
+        hidden, sample_rows, sample_reqs, prompt_lp = self._prepare(sched)
 
         prompt_logprobs = {}
         for state, row0, count in prompt_lp:

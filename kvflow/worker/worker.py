@@ -18,6 +18,7 @@ from kvflow.worker.model_runner import ModelRunner
 logger = logging.getLogger("kvflow")
 
 _GIB = 1 << 30
+_GRAPH_KV_SPLITS = 8
 
 
 def create_linear_method_factory(config: EngineConfig):
@@ -33,11 +34,24 @@ def create_linear_method_factory(config: EngineConfig):
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, device: Optional[torch.device] = None) -> None:
+        """Builds this rank's model shard on ``device`` (default: the config's device).
+
+        Tensor-parallel rank r runs on its own GPU (cuda:r), which the
+        engine-wide config cannot name; its executor passes it here, after
+        joining the TP group (the layers read their rank when built).
+        """
         self.config = config
-        self.device = config.device_config.device
+        self.device = device if device is not None else config.device_config.device
         mc = config.model_config
         backend = create_attention_backend(config.device_config.attention_backend)
+        self.use_cuda_graphs = (self.device.type == "cuda" and not config.device_config.enforce_eager
+                                and config.device_config.attention_backend == "triton")
+        if self.use_cuda_graphs:
+            from kvflow.attention.backends.triton import TritonAttentionBackend
+
+            # A replayed graph keeps the split-KV factor it was captured with: pin one.
+            backend = TritonAttentionBackend(num_kv_splits=_GRAPH_KV_SPLITS)
         ctx = ModelContext(dtype=mc.dtype, attn_backend=backend,
                            linear_method=create_linear_method_factory(config))
         if self.device.type == "cuda":
@@ -69,7 +83,17 @@ class Worker:
         shape = (2, num_blocks, cc.block_size, self.num_kv_heads, mc.head_dim)
         kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device)
                      for _ in range(mc.num_layers)]
-        self.runner = ModelRunner(self.model, kv_caches, cc.block_size, self.device, mc.seed)
+        graphs = None
+        if self.use_cuda_graphs:
+            from kvflow.worker.cuda_graphs import CUDAGraphRunner
+
+            sc = self.config.scheduler_config
+            graphs = CUDAGraphRunner(self.model, kv_caches, max_num_seqs=sc.max_num_seqs,
+                                     max_model_len=sc.max_model_len, block_size=cc.block_size,
+                                     device=self.device)
+            graphs.capture()
+        self.runner = ModelRunner(self.model, kv_caches, cc.block_size, self.device, mc.seed,
+                                  graph_runner=graphs)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None, "init_cache must run before execute_model"
