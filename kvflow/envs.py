@@ -33,3 +33,8 @@ def cache_root() -> str:
 def api_key() -> str | None:
     """Default for ``kvflow serve --api-key`` (KVFLOW_API_KEY)."""
     return os.environ.get("KVFLOW_API_KEY") or None
+
+
+def logging_level() -> str:
+    """Level of the "kvflow" logger (KVFLOW_LOGGING_LEVEL, default INFO)."""
+    return os.environ.get("KVFLOW_LOGGING_LEVEL", "INFO").upper()

@@ -146,3 +146,12 @@ def hf_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def LLM32(*args: Any, **kwargs: Any):
+    """``kvflow.LLM`` in float32 on any device: the precision the equality tests compare in
+    (on a GPU, ``dtype="auto"`` would pick float16 for these float32 checkpoints)."""
+    from kvflow import LLM
+
+    kwargs.setdefault("dtype", "float32")
+    return LLM(*args, **kwargs)

@@ -22,9 +22,10 @@ from kvflow.engine.output_processor import OutputProcessor, RequestOutputKind
 from kvflow.executor.base import create_executor
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
+from kvflow.logger import init_logger
 from kvflow.tokenizer import eos_token_ids, load_tokenizer
 
-logger = logging.getLogger("kvflow")
+logger = init_logger("kvflow.engine")
 
 PromptType = Union[str, dict, list[int]]
 

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from kvflow import LLM, EngineArgs, SamplingParams
+from kvflow import EngineArgs, SamplingParams
+from tiny_models import LLM32 as LLM
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from kvflow import LLM, SamplingParams
+from kvflow import SamplingParams
+from tiny_models import LLM32 as LLM
 from kvflow.engine.detokenizer import IncrementalDetokenizer
 from kvflow.engine.output_processor import RequestOutputKind
 

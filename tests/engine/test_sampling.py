@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tiny_models
-from kvflow import LLM, SamplingParams
+from kvflow import SamplingParams
+from tiny_models import LLM32 as LLM
 
 PROMPTS = [[1, 20, 30, 40, 50], [1, 60], [1] + list(range(100, 140))]
 

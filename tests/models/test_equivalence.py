@@ -12,7 +12,8 @@ import random
 import pytest
 
 import tiny_models
-from kvflow import LLM, SamplingParams
+from kvflow import SamplingParams
+from tiny_models import LLM32 as LLM
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 NEW_TOKENS = 12
