@@ -7,6 +7,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from kvflow.layers.fast_path import use_triton
+
 
 class RMSNorm(nn.Module):
     """HF Llama's RMSNorm: normalise in float32, cast back, then scale by the weight."""
@@ -24,6 +26,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        if use_triton(x) and x.dim() == 2:
+            from kvflow.kernels.rms_norm import fused_add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvflow.layers.fast_path import use_triton
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -97,6 +99,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns rotated (q, k); on CUDA they are rotated in place by the Triton kernel."""
+        if use_triton(q):
+            from kvflow.kernels.rotary import apply_rotary
+
+            apply_rotary(q, k, positions, self.cos_sin_cache, is_neox=self.is_neox_style,
+                         rotary_dim=self.rotary_dim)
+            return q, k
         cos_sin = self.cos_sin_cache.index_select(0, positions)
         cos, sin = cos_sin.chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
