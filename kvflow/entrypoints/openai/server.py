@@ -1,0 +1,249 @@
+"""The OpenAI-compatible HTTP server: ``build_app`` (FastAPI routes) and ``run_server`` (uvicorn).
+
+Layers of one request, outside in:
+
+    uvicorn ─► CORS ─► API key (401) ─► body size (413) ─► FastAPI: parse + validate (400)
+            ─► handler: model (404), prompt/params checks (400) ─► AsyncLLM ─► JSON or SSE
+
+``ServerArgs`` holds the options of this layer; ``kvflow serve`` generates its
+flags from these fields as it does the engine's from ``EngineArgs``.
+
+Shutdown (SIGTERM or Ctrl-C): uvicorn stops accepting; at the same moment the
+engine aborts what is in flight, so open streams end with finish_reason
+"abort" and ``[DONE]`` instead of holding the process; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from kvflow import __version__, envs
+from kvflow.entrypoints.openai.errors import APIError, install_exception_handlers
+from kvflow.entrypoints.openai.metrics import ServerMetrics
+from kvflow.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from kvflow.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
+from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from kvflow.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+
+logger = logging.getLogger("kvflow.entrypoints.openai")
+
+OPEN_PATHS = ("/health", "/version", "/metrics")
+"""Routes the API key does not guard: probes and scrapers carry no credentials."""
+
+
+@dataclass
+class ServerArgs:
+    """Options of the HTTP layer (vLLM's flag names); the engine's are in ``EngineArgs``."""
+
+    host: Optional[str] = None
+    """Address to bind; None binds every interface, as vLLM does."""
+    port: int = 8000
+    api_key: Optional[str] = None
+    """Require ``Authorization: Bearer <key>``; $KVFLOW_API_KEY is read when unset."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template, or the path of a file holding one; overrides the tokenizer's."""
+    trust_request_chat_template: bool = False
+    """Let requests send their own ``chat_template`` (a template is code: off by default)."""
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    """CORS origins allowed to call the API."""
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    uvicorn_log_level: str = "info"
+    disable_uvicorn_access_log: bool = False
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    """Bodies over this many bytes get a 413 before they are parsed."""
+    timeout_keep_alive: int = 5
+    """Seconds an idle keep-alive connection stays open."""
+    served_model_names: list[str] = field(default_factory=list, metadata={"cli": False})
+    """Names clients may use for the model; the first is the one responses carry.
+    Set by ``kvflow serve`` from ``--served-model-name`` (default: the model argument)."""
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """``--chat-template`` as text: a file's content, or the value itself if it is Jinja."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template "
+                     "(no '{' in it). Pass a path to a .jinja file or the template text.")
+
+
+def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
+    """The FastAPI app serving ``async_llm``; starts nothing (uvicorn or a test client runs it)."""
+    model_config = async_llm.model_config
+    names = list(args.served_model_names) or [
+        model_config.served_model_name or model_config.model]
+    metrics = ServerMetrics(async_llm, names[0])
+    common = dict(served_model_names=names, metrics=metrics,
+                  chat_template=load_chat_template(args.chat_template),
+                  trust_request_chat_template=args.trust_request_chat_template)
+    completions = OpenAIServingCompletion(async_llm, **common)
+    chats = OpenAIServingChat(async_llm, **common)
+    tokenization = OpenAIServingTokenization(async_llm, **common)
+    state = _EngineState(async_llm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.shutdown()
+
+    app = FastAPI(title="kvflow", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API of the kvflow inference engine.",
+                  strict_content_type=False)
+    app.state.engine_state = state
+    app.state.metrics = metrics
+    install_exception_handlers(app)
+
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        """200 while the engine serves; 503 once it is shutting down."""
+        if state.closing:
+            raise APIError("The engine is shutting down.", 503)
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics_page() -> Response:
+        """Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=model_config.model,
+                         parent=None if name == names[0] else names[0],
+                         max_model_len=model_config.max_model_len)
+
+    @app.get("/v1/models", response_model=ModelList, responses=errors)
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card(name) for name in names])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors)
+    async def retrieve_model(model_id: str) -> ModelCard:
+        return model_card(completions.resolve_model(model_id))
+
+    @app.post("/v1/completions", responses={**errors, 200: {
+        "model": CompletionResponse,
+        "content": {"text/event-stream": {}}}}, response_model=None)
+    async def create_completion(request: CompletionRequest, raw: Request) -> Response:
+        return await completions.create_completion(request, raw)
+
+    @app.post("/v1/chat/completions", responses={**errors, 200: {
+        "model": ChatCompletionResponse,
+        "content": {"text/event-stream": {}}}}, response_model=None)
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await chats.create_chat_completion(request, raw)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
+    async def tokenize(request: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(tokenization.tokenize(request).model_dump(exclude_none=True))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors)
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(request)
+
+    # Added innermost first: CORS answers preflights, then the key, then the size limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_bytes)
+    api_key = args.api_key or envs.api_key()
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=OPEN_PATHS)
+    app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
+                       allow_credentials=args.allow_credentials,
+                       allow_methods=args.allowed_methods, allow_headers=args.allowed_headers)
+    return app
+
+
+class _EngineState:
+    """Shuts the engine down once, from a signal or from the app's lifespan, whichever is first."""
+
+    def __init__(self, async_llm: Any) -> None:
+        self.async_llm = async_llm
+        self.closing = False
+        self._done: Optional[asyncio.Future] = None
+
+    async def shutdown(self) -> None:
+        if self._done is None:
+            self.closing = True
+            self._done = asyncio.ensure_future(self.async_llm.shutdown())
+        await asyncio.shield(self._done)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server, plus: abort in-flight requests the moment an exit signal comes.
+
+    uvicorn alone would wait for every open stream to end before its lifespan
+    shutdown; a long generation would hold the process for minutes.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine_state: _EngineState) -> None:
+        super().__init__(config)
+        self.engine_state = engine_state
+        self._tasks: set[asyncio.Task] = set()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        logger.info("signal %d: aborting in-flight requests and shutting down", sig)
+        loop = asyncio.get_event_loop()
+
+        def start() -> None:
+            task = loop.create_task(self.engine_state.shutdown())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        # Signal handlers run between bytecodes; only the thread-safe call may touch the loop.
+        loop.call_soon_threadsafe(start)
+
+
+def run_server(async_llm: Any, args: ServerArgs) -> None:
+    """Serves until SIGTERM/SIGINT; returns normally (exit status 0) after a clean shutdown."""
+    app = build_app(async_llm, args)
+    config = uvicorn.Config(app, host=args.host or "", port=args.port,
+                            log_level=args.uvicorn_log_level,
+                            access_log=not args.disable_uvicorn_access_log,
+                            timeout_keep_alive=args.timeout_keep_alive)
+    server = _UvicornServer(config, app.state.engine_state)
+    # uvicorn re-raises the exit signal after its shutdown so the default action
+    # (death by signal, status 143) follows; a no-op handler makes the shutdown
+    # it just did the end of the process instead, with status 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        asyncio.run(server.serve())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

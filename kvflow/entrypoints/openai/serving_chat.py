@@ -1,0 +1,295 @@
+"""POST /v1/chat/completions: messages rendered by the chat template, reply in OpenAI's format.
+
+The template is the request's ``chat_template`` (only with
+``--trust-request-chat-template``: a template is code, and a loop in one can
+hold the event loop), else ``--chat-template``, else the tokenizer's own.
+Streaming sends, per choice, a first chunk with the role, then content deltas,
+with ``finish_reason`` on the chunk that ends the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from kvflow.engine.output_processor import RequestOutputKind
+from kvflow.entrypoints.llm import apply_chat_template
+from kvflow.entrypoints.openai.errors import APIError, error_body, from_value_error
+from kvflow.entrypoints.openai.protocol import (
+    ChatCompletionLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogProb,
+    ChatLogProbsContent,
+    ChatMessage,
+    ChatResponseMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from kvflow.entrypoints.openai.serving_base import (
+    ClientDisconnected,
+    EnginePrompt,
+    OpenAIServing,
+    clamp_logprob,
+    run_until_disconnect,
+)
+from kvflow.entrypoints.openai.sse import SSEResponse, sse_done, sse_event
+from kvflow.outputs import Logprob, RequestOutput
+
+_FIELDS = frozenset(ChatCompletionRequest.model_fields)
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "chat_template", "tokenize",
+                                       "add_generation_prompt", "continue_final_message",
+                                       "return_dict", "return_tensors", "tokenizer_kwargs"})
+
+
+def message_to_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    """The message as the template sees it; text parts joined, other parts refused."""
+    data: dict[str, Any] = {"role": message.role}
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise APIError(f"messages[{index}].content[{j}] has type {part.type!r}; kvflow "
+                               "serves text models and takes only 'text' parts.", 400,
+                               f"messages[{index}].content")
+            texts.append(part.text)
+        content = "\n".join(texts)
+    data["content"] = content if content is not None else ""
+    for key in ("name", "tool_calls", "tool_call_id"):
+        value = getattr(message, key)
+        if value is not None:
+            data[key] = value
+    for key, value in (message.model_extra or {}).items():
+        data.setdefault(key, value)
+    return data
+
+
+class OpenAIServingChat(OpenAIServing):
+
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool,
+               continue_final_message: bool, chat_template: Optional[str],
+               template_kwargs: Optional[dict[str, Any]],
+               tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
+        """Token ids of the conversation; template failures are the client's 400."""
+        tokenizer = self.require_tokenizer()
+        if chat_template is not None and not self.trust_request_chat_template:
+            raise APIError("chat_template in the request is refused: start the server with "
+                           "--trust-request-chat-template to allow it, or use --chat-template.",
+                           400, "chat_template")
+        if continue_final_message and add_generation_prompt:
+            raise APIError("continue_final_message and add_generation_prompt are exclusive: "
+                           "set add_generation_prompt=false to continue the last message.", 400,
+                           "continue_final_message")
+        kwargs = dict(template_kwargs or {})
+        clash = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
+        if clash:
+            raise APIError(f"chat_template_kwargs may not set {clash}.", 400,
+                           "chat_template_kwargs")
+        if tools is not None:
+            kwargs["tools"] = tools
+        conversation = [message_to_dict(m, i) for i, m in enumerate(messages)]
+        try:
+            return apply_chat_template(
+                tokenizer, conversation, chat_template=chat_template or self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **kwargs)
+        except APIError:
+            raise
+        except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
+            raise APIError(f"The chat template could not render these messages: "
+                           f"{type(exc).__name__}: {exc}", 400, "messages") from None
+
+    async def create_chat_completion(self, request: ChatCompletionRequest,
+                                     raw: Request) -> Response:
+        arrival = time.monotonic()
+        model = self.resolve_model(request.model)
+        self.log_ignored_fields(request)
+        self.check_common(request)
+        tools = request.tools
+        if tools and request.tool_choice != "none":
+            raise APIError("Tool calling is not supported by kvflow yet; send tool_choice='none' "
+                           "to only show the tools to the template, or drop tools.", 400,
+                           "tool_choice")
+        if request.top_logprobs and not request.logprobs:
+            raise APIError("top_logprobs needs logprobs=true.", 400, "top_logprobs")
+        ids = self.render(request.messages, add_generation_prompt=request.add_generation_prompt,
+                          continue_final_message=request.continue_final_message,
+                          chat_template=request.chat_template,
+                          template_kwargs=request.chat_template_kwargs, tools=tools)
+        if request.truncate_prompt_tokens is not None:
+            ids = ids[-request.truncate_prompt_tokens:]
+        if not ids:
+            raise APIError("The rendered conversation is empty.", 400, "messages")
+        requested = (request.max_completion_tokens if request.max_completion_tokens is not None
+                     else request.max_tokens)
+        max_tokens = self.resolve_max_tokens(len(ids), requested, "messages")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens=max_tokens, logprobs=logprobs,
+                                      prompt_logprobs=request.prompt_logprobs,
+                                      field_names=_FIELDS)
+        request_id = self.new_request_id("chatcmpl")
+        prompt = EnginePrompt(request_id, ids, None, params)
+        echo = self._echo_text(request)
+        if request.stream:
+            return await self._stream(request, raw, prompt, model, request_id, arrival, echo)
+        try:
+            return await run_until_disconnect(
+                raw, self._full(request, prompt, model, request_id, arrival, echo))
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @staticmethod
+    def _echo_text(request: ChatCompletionRequest) -> str:
+        """With echo, the reply starts with the last message if it has the reply's role."""
+        if not request.echo:
+            return ""
+        last = request.messages[-1]
+        role = "assistant" if request.add_generation_prompt else last.role
+        if last.role != role:
+            return ""
+        return str(message_to_dict(last, len(request.messages) - 1)["content"])
+
+    # ------------------------------------------------------------------ logprobs
+    def chat_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]],
+                      num_top: int, as_ids: bool) -> ChatCompletionLogProbs:
+        content = []
+        for token_id, entry in zip(token_ids, entries):
+            chosen = entry.get(token_id)
+            token = self.token_text(token_id, chosen, as_ids)
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:num_top]
+            top = []
+            for tid, lp in ranked:
+                text = self.token_text(tid, lp, as_ids)
+                top.append(ChatLogProb(token=text, logprob=clamp_logprob(lp.logprob),
+                                       bytes=list(text.encode("utf-8"))))
+            content.append(ChatLogProbsContent(
+                token=token, logprob=clamp_logprob(chosen.logprob if chosen else float("nan")),
+                bytes=list(token.encode("utf-8")), top_logprobs=top))
+        return ChatCompletionLogProbs(content=content)
+
+    # ------------------------------------------------------------------ whole response
+    async def _full(self, request: ChatCompletionRequest, prompt: EnginePrompt, model: str,
+                    request_id: str, arrival: float, echo: str) -> JSONResponse:
+        final: Optional[RequestOutput] = None
+        try:
+            async for _, out in self.run_requests([prompt], RequestOutputKind.FINAL_ONLY,
+                                                  arrival):
+                final = out
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS) from None
+        assert final is not None and final.finished
+        choices = []
+        num_generated = 0
+        as_ids = bool(request.return_tokens_as_token_ids)
+        for comp in sorted(final.outputs, key=lambda c: c.index):
+            num_generated += len(comp.token_ids)
+            logprobs = None
+            if request.logprobs:
+                logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
+                                              request.top_logprobs or 0, as_ids)
+            choices.append(ChatCompletionResponseChoice(
+                index=comp.index, message=ChatResponseMessage(content=echo + comp.text),
+                logprobs=logprobs, finish_reason=comp.finish_reason,
+                stop_reason=comp.stop_reason))
+        num_prompt = len(prompt.token_ids)
+        response = ChatCompletionResponse(
+            id=request_id, model=model, choices=choices,
+            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                            total_tokens=num_prompt + num_generated))
+        return JSONResponse(response.model_dump())
+
+    # ------------------------------------------------------------------ streaming
+    async def _stream(self, request: ChatCompletionRequest, raw: Request, prompt: EnginePrompt,
+                      model: str, request_id: str, arrival: float, echo: str) -> Response:
+        outputs = self.run_requests([prompt], RequestOutputKind.DELTA, arrival)
+        try:
+            first = await run_until_disconnect(raw, outputs.__anext__())
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS) from None
+        except ClientDisconnected:
+            await outputs.aclose()
+            return Response(status_code=499)
+        return SSEResponse(self._stream_body(request, prompt, model, request_id, first[1],
+                                             outputs, echo))
+
+    async def _stream_body(self, request: ChatCompletionRequest, prompt: EnginePrompt,
+                           model: str, request_id: str, first: RequestOutput,
+                           outputs: AsyncIterator[tuple[int, RequestOutput]],
+                           echo: str) -> AsyncIterator[str]:
+        created = int(time.time())
+        opts = request.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(include_usage and opts and opts.continuous_usage_stats)
+        num_prompt = len(prompt.token_ids)
+        num_generated = 0
+        as_ids = bool(request.return_tokens_as_token_ids)
+
+        def usage() -> UsageInfo:
+            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                             total_tokens=num_prompt + num_generated)
+
+        def event(choice: ChatCompletionStreamChoice) -> str:
+            chunk = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk",
+                                                 created=created, model=model,
+                                                 choices=[choice])
+            if continuous:
+                chunk.usage = usage()
+            return sse_event(chunk.model_dump_json(exclude_unset=True))
+
+        ended: set[int] = set()
+
+        def chunks(out: RequestOutput) -> list[str]:
+            nonlocal num_generated
+            events = []
+            for comp in out.outputs:
+                # The request's last output repeats samples that ended earlier (empty deltas).
+                if comp.index in ended:
+                    continue
+                if comp.finish_reason is not None:
+                    ended.add(comp.index)
+                num_generated += len(comp.token_ids)
+                if (not comp.text and comp.finish_reason is None
+                        and (not request.logprobs or not comp.token_ids)):
+                    continue
+                logprobs = None
+                if request.logprobs:
+                    logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
+                                                  request.top_logprobs or 0, as_ids)
+                events.append(event(ChatCompletionStreamChoice(
+                    index=comp.index, delta=DeltaMessage(content=comp.text), logprobs=logprobs,
+                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason)))
+            return events
+
+        try:
+            for i in range(request.n):
+                yield event(ChatCompletionStreamChoice(
+                    index=i, delta=DeltaMessage(role="assistant", content=""),
+                    logprobs=None, finish_reason=None))
+                if echo:
+                    yield event(ChatCompletionStreamChoice(
+                        index=i, delta=DeltaMessage(content=echo), logprobs=None,
+                        finish_reason=None))
+            for item in chunks(first):
+                yield item
+            async for _, out in outputs:
+                for item in chunks(out):
+                    yield item
+            if include_usage:
+                final = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk",
+                                                     created=created, model=model,
+                                                     choices=[], usage=usage())
+                yield sse_event(final.model_dump_json(exclude_unset=True))
+        except Exception as exc:  # after the 200 went out, an error can only be an event
+            status = 400 if isinstance(exc, ValueError) else 500
+            yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+        yield sse_done()
