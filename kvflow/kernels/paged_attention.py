@@ -12,7 +12,7 @@ tiles of TILE_N tokens. The G query heads that share the KV head ride in the
 same program, so each K/V tile is read once per KV head, not once per query
 head::
 
-    rows of the Q tile (BLOCK_M = BLOCK_Q * G, padded to a power of two)
+    rows of the Q tile (BLOCK_M >= BLOCK_Q * G, a power of two; the rest is padding)
     row r -> token  q_first + r // G   of the request
              head   kv_head * G + r % G
 
@@ -24,7 +24,7 @@ programs), so the launcher may split each request's key range into
 ``num_kv_splits`` partitions (flash-decoding): each program writes its
 partial max / sum / unnormalised output in float32, and a second kernel
 combines them. The partition length is computed in the kernel from each
-request's own length, so the grid depends only on (T, B, Hkv, splits): the
+request's own length, so the grid depends only on (T, B, Hkv, splits, tiles): the
 launch is safe to capture in a CUDA graph whatever the sequence lengths.
 
 Softmax runs in float32 in base 2 (scale folded with log2(e)). The reference
@@ -193,14 +193,14 @@ def _paged_attention_kernel(
     ``first_q_block(b) = query_start_loc[b] // BLOCK_Q + b`` (``query_start_loc[b]`` when
     BLOCK_Q == 1) up to ``first_q_block(b+1)``; the ``+ b`` slack covers each request's
     last, partial q-block, so the grid needs no host-side count of blocks per request.
-    Programs with no query row to compute exit at once. Split s of a q-block handles
-    the s-th of ``num_splits`` equal runs of its key tiles.
+    Programs with no query row to compute exit at once; q-blocks are visited last to
+    first. Split s of a q-block handles the s-th of ``num_splits`` equal runs of its key tiles.
 
     Constexprs:
       NUM_QUERIES_PER_KV: G = H // Hkv.
       BLOCK_M:    rows of the Q tile, a power of two >= max(16, G); rows past
                   BLOCK_Q * G are padding.
-      BLOCK_Q:    query tokens per q-block, BLOCK_M // G.
+      BLOCK_Q:    query tokens per q-block, <= BLOCK_M // G (1 for decode-only batches).
       BLOCK_SIZE: cache block size S.
       HEAD_SIZE:  D, a power of two >= 16.
       TILE_N:     keys per tile, a power of two >= 16.
@@ -212,18 +212,28 @@ def _paged_attention_kernel(
       IS_FP32:    inputs are float32: IEEE dot products.
       UPCAST:     CPU interpreter: dot products in float32 (see ``_dot``).
     """
-    q_block = tl.program_id(0)
+    # Heaviest q-blocks (last in their request, most keys under the causal mask) first:
+    # the light ones then fill the tail of the launch.
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Binary search: the request owning q_block is the last b with first_q_block(b) <= q_block.
     num_q_blocks_used = tl.load(query_start_loc_ptr + num_reqs)
     if BLOCK_Q > 1:
         num_q_blocks_used = num_q_blocks_used // BLOCK_Q + num_reqs
     if q_block >= num_q_blocks_used:
         return  # batch padding past query_start_loc[B]
+    # The request owning q_block is the last b with first_q_block(b) <= q_block.
     lo = q_block * 0
     hi = lo + num_reqs
+    if BLOCK_Q == 1:
+        # Decodes (one token each, scheduled first) own q-block b = request b: try that
+        # before paying log2(B) dependent loads of the binary search below.
+        guess = tl.minimum(q_block, num_reqs - 1)
+        hit = (tl.load(query_start_loc_ptr + guess) <= q_block) & (
+            q_block < tl.load(query_start_loc_ptr + guess + 1))
+        lo = tl.where(hit, guess, lo)
+        hi = tl.where(hit, guess + 1, hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         first = tl.load(query_start_loc_ptr + mid)
@@ -361,11 +371,12 @@ def paged_attention(
 
     Semantics are ``kvflow.attention.backends.base.BaseAttentionBackend``'s. The cache
     must already hold this step's keys/values. ``max_query_len`` and ``max_seq_len``
-    (host ints, no device sync) only pick tiles and the split count; they must bound the
-    real lengths. ``num_kv_splits``: None = heuristic (``choose_num_kv_splits``), 1 = no
-    split; fix it when capturing CUDA graphs so replays do not depend on the capture
-    batch's lengths. ``config`` overrides the tile choice (benchmarks, tests). Rows of
-    tokens past ``query_start_loc[B]`` are left unwritten.
+    (host ints, no device sync) only pick tiles and the split count: results are right
+    for any values, speed is best with the true maxima. ``num_kv_splits``: None =
+    heuristic (``choose_num_kv_splits``), 1 = no split; fix it when capturing CUDA graphs
+    so replays do not depend on the capture batch's lengths. ``config`` overrides the
+    tile choice (benchmarks, tests). Rows of tokens past ``query_start_loc[B]`` are left
+    unwritten. Scratch for the split path is allocated per call (caching allocator).
     """
     assert q.dim() == 3, f"q must be [T, H, D], got {tuple(q.shape)}"
     assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, (
@@ -409,7 +420,9 @@ def paged_attention(
     if config is None:
         config = choose_config(max_query_len, group, head_size)
     assert config.block_m >= group, f"config.block_m={config.block_m} < query heads per KV head {group}"
-    block_q = config.block_m // group
+    # Never more query rows than the longest query needs (decode-only: one token per
+    # q-block, so request b owns q-block b); a power of two keeps compiled variants few.
+    block_q = max(1, min(config.block_m // group, triton.next_power_of_2(max(1, max_query_len))))
     if num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(num_reqs, num_kv_heads, max_query_len, max_seq_len, q.device)
     assert num_kv_splits >= 1, f"num_kv_splits={num_kv_splits}"
