@@ -1,0 +1,1 @@
+"""Triton kernels, one op a file, each with its plain-torch reference in ref.py."""
