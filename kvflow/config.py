@@ -271,7 +271,7 @@ class EngineArgs:
         else:
             max_model_len = derived_len or 2048
 
-        quantization = _resolve_quantization(self.quantization, hf_config)
+        quantization = _resolve_quantization(self.quantization, hf_config, source.model_dir)
 
         model_config = ModelConfig(
             model=source.model_dir,
@@ -352,31 +352,53 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_quantization(requested: Optional[str], hf_config: Any) -> Optional[str]:
-    """Checks the requested method against what the checkpoint says it holds."""
-    qcfg = getattr(hf_config, "quantization_config", None)
-    found: Optional[str] = None
-    if qcfg is not None:
-        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
-        found = str(method).lower() if method is not None else None
+def _resolve_quantization(requested: Optional[str], hf_config: Any,
+                          model_dir: Optional[str]) -> Optional[str]:
+    """Checks the requested method against what the checkpoint says it holds.
+
+    The checkpoint's settings come from config.json's ``quantization_config``,
+    else from a ``quant_config.json`` / ``quantize_config.json`` beside it
+    (older AutoAWQ/AutoGPTQ exports). A side file that names no method is read
+    as the requested one, as vLLM does. AWQ settings are validated here, so a
+    GEMV-layout or 8-bit checkpoint fails before any weight is read.
+    """
+    from kvflow.quantization.detect import find_quant_config
+
+    found_cfg = find_quant_config(hf_config, model_dir)
+    found = found_cfg.method if found_cfg is not None else None
     if requested is None:
-        if found is not None and found not in _QUANTIZATIONS:
+        if found_cfg is not None and found is None:
             raise ValueError(
-                f"The checkpoint is quantized with {found!r}, which kvflow does not support "
-                f"(supported: {_QUANTIZATIONS})."
+                f"The checkpoint has quantization settings in {found_cfg.source} "
+                f"(keys {sorted(found_cfg.values)}) that do not name their method. Pass "
+                f"quantization= one of {_QUANTIZATIONS} if it is such a checkpoint."
             )
-        return found
-    if found is None:
+        if found_cfg is not None and found is not None and found not in _QUANTIZATIONS:
+            raise ValueError(
+                f"The checkpoint is quantized with {found!r} (from {found_cfg.source}), which "
+                f"kvflow does not support (supported: {_QUANTIZATIONS})."
+            )
+        resolved = found
+    elif found_cfg is None:
         raise ValueError(
             f"quantization={requested!r} was asked for, but the checkpoint holds unquantized "
-            "weights (no quantization_config in config.json). Drop the quantization option."
+            "weights (no quantization_config in config.json, no quant_config.json or "
+            "quantize_config.json beside it). Drop the quantization option."
         )
-    if found != requested:
+    elif found is not None and found != requested:
         raise ValueError(
             f"quantization={requested!r} conflicts with the checkpoint, which is quantized "
-            f"with {found!r}. Use quantization={found!r} or leave it unset."
+            f"with {found!r} (from {found_cfg.source}). Use quantization={found!r} or leave "
+            "it unset."
         )
-    return requested
+    else:
+        resolved = requested
+    if resolved == "awq":
+        from kvflow.quantization.awq import AWQConfig
+
+        assert found_cfg is not None
+        AWQConfig.from_checkpoint_config(found_cfg)
+    return resolved
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -1,0 +1,231 @@
+"""AWQ int4 weights (AutoAWQ's GEMM layout): the checkpoint's settings and the linear method.
+
+The layout and its plain-torch reference live in ``awq_format``; the GPU
+kernels in ``kvflow.kernels.awq_gemm``. ``AWQLinearMethod`` gives each
+quantized linear layer three parameters whose ``output_dim``/``input_dim``
+and shrink factors let ``LinearBase.weight_loader`` shard and place them like
+a plain weight (K = this rank's input features, N = its output features,
+G = group size)::
+
+    param    shape       output_dim  output_shrink  input_dim          input_shrink
+    qweight  [K, N/8]    1           8              0                  1
+    qzeros   [K/G, N/8]  1           8              0 (None if G = K)  G
+    scales   [K/G, N]    1           1              0 (None if G = K)  G
+
+With ``group_size=-1`` the one row of zeros and scales covers the whole
+unsharded input, so every rank of a row-parallel layer loads that same row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvflow.layers.linear import LinearMethod, set_weight_attrs
+from kvflow.quantization import awq_format
+from kvflow.quantization.detect import CheckpointQuantConfig, find_quant_config
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+SUPPORTED_VERSIONS = ("gemm",)
+
+DEFAULT_MAX_FUSED_TOKENS = 128
+"""On CUDA, batches of at most this many tokens run the fused int4 GEMM; larger ones
+dequantize to a half-precision weight and call cuBLAS. The fused kernel reads a quarter
+of the bytes, which wins while the matmul is bound by weight reads (decode); past the
+crossover, cuBLAS's tensor-core efficiency outweighs the cost of writing and re-reading
+the dequantized weight. Not yet measured: ``benchmarks/kernels/check_awq_gpu.py`` prints
+both sides per shape and batch so this can be set from data."""
+
+# kvflow fuses these checkpoint linears; ``modules_to_not_convert`` names the parts.
+_FUSED_PARTS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def _first(values: Mapping[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if values.get(name) is not None:
+            return values[name]
+    return default
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """An AWQ checkpoint's settings, validated: 4-bit, zero point, GEMM layout."""
+
+    group_size: Optional[int]
+    """Input features that share one scale and zero point; None for one group over the
+    whole input (the checkpoint's ``-1``)."""
+    modules_to_not_convert: tuple[str, ...] = ()
+    """Checkpoint module names (substring match, as AutoAWQ does) left unquantized."""
+    source: str = "config.json (quantization_config)"
+    """Where the settings were read, for error messages."""
+
+    @classmethod
+    def from_checkpoint_config(cls, found: CheckpointQuantConfig) -> "AWQConfig":
+        """Validates the raw settings; accepts AutoAWQ's and transformers' key names."""
+        values, where = found.values, found.source
+        bits = int(_first(values, "bits", "w_bit", default=4))
+        if bits != 4:
+            raise ValueError(f"AWQ checkpoint with bits={bits} (from {where}): kvflow runs 4-bit "
+                             "AWQ only. Use a 4-bit export.")
+        group = int(_first(values, "group_size", "q_group_size", default=128))
+        if group not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"AWQ group_size={group} (from {where}) is not supported; "
+                             f"kvflow supports {SUPPORTED_GROUP_SIZES}.")
+        if not bool(_first(values, "zero_point", default=True)):
+            raise ValueError(f"AWQ checkpoint with zero_point=false (from {where}): kvflow runs "
+                             "AutoAWQ's zero-point (asymmetric) GEMM layout only.")
+        version = str(_first(values, "version", default="gemm")).lower()
+        if version in ("gemv", "gemv_fast"):
+            raise ValueError(
+                f"AWQ checkpoint in the {version.upper()} layout (version={version!r} in {where}): "
+                "its tensors are stored transposed and interleaved for AutoAWQ's GEMV kernel, "
+                "which kvflow does not read. Re-export it with AutoAWQ version='GEMM' "
+                "(the layout published by most AWQ checkpoints on the hub).")
+        if version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"AWQ version={version!r} (from {where}) is not supported; kvflow "
+                             f"reads {SUPPORTED_VERSIONS}.")
+        skip = values.get("modules_to_not_convert") or ()
+        if isinstance(skip, str):
+            skip = (skip,)
+        return cls(group_size=None if group == -1 else group,
+                   modules_to_not_convert=tuple(str(m) for m in skip), source=where)
+
+    @classmethod
+    def from_model(cls, hf_config: Any, model_dir: Optional[str]) -> "AWQConfig":
+        """Reads config.json's ``quantization_config`` or the side file beside it."""
+        found = find_quant_config(hf_config, model_dir)
+        if found is None:
+            raise ValueError(f"quantization='awq' was asked for, but {model_dir!r} has no "
+                             "quantization_config in config.json nor a quant_config.json / "
+                             "quantize_config.json; it holds unquantized weights.")
+        return cls.from_checkpoint_config(found)
+
+    def is_skipped(self, prefix: str) -> bool:
+        """Whether the linear layer at ``prefix`` stays unquantized.
+
+        A fused layer (``qkv_proj``, ``gate_up_proj``) is skipped when all its
+        checkpoint parts are; a checkpoint that quantizes some parts and not
+        others cannot be fused and is refused.
+        """
+        if not self.modules_to_not_convert:
+            return False
+        head, _, last = prefix.rpartition(".")
+        parts = _FUSED_PARTS.get(last, (last,))
+        names = [f"{head}.{p}" if head else p for p in parts]
+        skipped = [any(key in name for key in self.modules_to_not_convert) for name in names]
+        if any(skipped) and not all(skipped):
+            raise ValueError(
+                f"modules_to_not_convert={list(self.modules_to_not_convert)} (from {self.source}) "
+                f"leaves {[n for n, s in zip(names, skipped) if s]} unquantized but not "
+                f"{[n for n, s in zip(names, skipped) if not s]}; kvflow fuses them into "
+                f"{prefix} and needs them all quantized or all left alone.")
+        return all(skipped)
+
+
+class AWQLinearMethod(LinearMethod):
+    """Packed int4 weights: exact dequantization on CPU, Triton kernels on CUDA.
+
+    State lives on the layer (its three parameters and, on CPU, the dequantized
+    weight); the method itself holds only the config, so one instance serves
+    every layer.
+    """
+
+    def __init__(self, config: AWQConfig, *,
+                 max_fused_tokens: int = DEFAULT_MAX_FUSED_TOKENS) -> None:
+        self.config = config
+        self.max_fused_tokens = max_fused_tokens
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int,
+                       dtype: torch.dtype) -> None:
+        group = self.config.group_size or in_features
+        pack = awq_format.PACK_FACTOR
+        if in_features % group:
+            raise ValueError(
+                f"{type(layer).__name__} has {in_features} input features on this rank, not a "
+                f"multiple of the AWQ group_size={group}; lower tensor_parallel_size.")
+        # Every fused/sharded slice must start and end on a whole int32 of eight columns.
+        slice_sizes = [out_features]
+        if hasattr(layer, "output_sizes"):
+            slice_sizes += [s // layer.tp_size for s in layer.output_sizes]
+        if hasattr(layer, "head_dim"):
+            slice_sizes.append(layer.head_dim)
+        if any(s % pack for s in slice_sizes):
+            raise ValueError(
+                f"{type(layer).__name__} output slices {slice_sizes} on this rank are not all "
+                f"multiples of {pack}: AWQ packs {pack} output columns per int32, so they "
+                "cannot be split there; lower tensor_parallel_size.")
+        is_grouped = self.config.group_size is not None
+        qweight = nn.Parameter(torch.empty(in_features, out_features // pack, dtype=torch.int32),
+                               requires_grad=False)
+        set_weight_attrs(qweight, output_dim=1, input_dim=0, output_shrink=pack, input_shrink=1)
+        qzeros = nn.Parameter(torch.empty(in_features // group, out_features // pack,
+                                          dtype=torch.int32), requires_grad=False)
+        set_weight_attrs(qzeros, output_dim=1, input_dim=0 if is_grouped else None,
+                         output_shrink=pack, input_shrink=group)
+        # Checkpoints store float16 scales; keeping them so (not the model dtype) keeps
+        # bfloat16 models exact up to the final rounding of each weight.
+        scales = nn.Parameter(torch.empty(in_features // group, out_features,
+                                          dtype=torch.float16), requires_grad=False)
+        set_weight_attrs(scales, output_dim=1, input_dim=0 if is_grouped else None,
+                         output_shrink=1, input_shrink=group)
+        layer.register_parameter("qweight", qweight)
+        layer.register_parameter("qzeros", qzeros)
+        layer.register_parameter("scales", scales)
+        layer.awq_dtype = dtype
+        layer.register_buffer("dequantized_weight", None, persistent=False)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """On CPU, dequantizes once into ``layer.dequantized_weight`` [N, K].
+
+        Measured on the project's 2-core CPU box (float32, 2048 x 2048, one token):
+        0.3 ms for the matmul on a cached weight, ~180 ms when dequantizing per
+        call (unpacking int32 nibbles is slow in eager torch). So the CPU path
+        trades memory (a float weight beside the packed one) for speed; it stays
+        exact either way. CUDA keeps only the packed tensors: reading fewer bytes
+        is the point there.
+        """
+        if layer.qweight.device.type == "cpu":
+            layer.dequantized_weight = awq_format.dequantize(
+                layer.qweight, layer.qzeros, layer.scales, layer.awq_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cached = layer.dequantized_weight
+        if cached is not None:
+            return F.linear(x, cached, bias)
+        if x.device.type != "cuda":  # weights moved off CPU after loading: slow but exact
+            weight = awq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, x.dtype)
+            return F.linear(x, weight, bias)
+        from kvflow.kernels import awq_gemm as kernels
+
+        x2d = x.reshape(-1, x.shape[-1])  # [M, K]
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        is_half = x.dtype in (torch.float16, torch.bfloat16)
+        if is_half and x2d.shape[0] <= self.max_fused_tokens:
+            y = kernels.awq_gemm(x2d, layer.qweight, layer.qzeros, layer.scales)
+        else:
+            weight = kernels.awq_dequantize(layer.qweight, layer.qzeros, layer.scales, x.dtype)
+            y = F.linear(x2d, weight)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def awq_linear_method_factory(model_config: Any) -> Callable[[str], Optional[LinearMethod]]:
+    """The model's quantization hook: prefix -> AWQLinearMethod, or None where the
+    checkpoint keeps the layer unquantized (``modules_to_not_convert``)."""
+    config = AWQConfig.from_model(model_config.hf_config, model_config.model)
+    method = AWQLinearMethod(config)
+
+    def for_prefix(prefix: str) -> Optional[LinearMethod]:
+        return None if config.is_skipped(prefix) else method
+
+    return for_prefix

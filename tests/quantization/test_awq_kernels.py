@@ -1,0 +1,126 @@
+"""The Triton AWQ kernels against the plain-torch reference (interpreter on CPU, GPU when present).
+
+Shape letters: M = tokens, K = input features, N = output features, G = group size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvflow.kernels import awq_gemm as kernels
+from kvflow.quantization import awq_format
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+# (K, N, G): group sizes 32/64/128 and one group (None); N not a multiple of the tile.
+SHAPES = [(64, 48, 32), (96, 64, 32), (80, 40, None), (256, 128, 128), (128, 264, 64)]
+TOKENS = [1, 3, 17]
+# Relative to the largest reference output: the output is rounded to x's dtype once.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _packed(num_in: int, num_out: int, group: int | None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_out, num_in, generator=gen)
+    return tuple(t.to(DEVICE) for t in awq_format.quantize(weight, group))
+
+
+def _rounded(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel's float32 -> dtype conversion gives. Triton's CPU interpreter
+    truncates float32 -> bfloat16 instead of rounding to nearest even."""
+    if dtype == torch.bfloat16 and not ON_GPU:
+        bits = exact.float().contiguous().view(torch.int32) & ~0xFFFF
+        return bits.view(torch.float32).to(dtype)
+    return exact.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_kernel_is_exact(shape, dtype):
+    num_in, num_out, group = shape
+    packed = _packed(num_in, num_out, group)
+    exact = awq_format.dequantize(*packed, torch.float32)
+    got = kernels.awq_dequantize(*packed, dtype)
+    assert got.shape == (num_out, num_in) and got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got, _rounded(exact, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemm_kernel_matches_reference(shape, num_tokens, dtype):
+    num_in, num_out, group = shape
+    packed = _packed(num_in, num_out, group, seed=num_tokens)
+    gen = torch.Generator().manual_seed(100 + num_tokens)
+    x = torch.randn(num_tokens, num_in, generator=gen).to(dtype).to(DEVICE)
+    # Reference in float32 on the weight rounded as the kernel rounds it.
+    weight = _rounded(awq_format.dequantize(*packed, torch.float32), dtype).float()
+    expected = x.float() @ weight.t()
+    got = kernels.awq_gemm(x, *packed)
+    assert got.shape == (num_tokens, num_out) and got.dtype == dtype
+    tol = TOL[dtype] * float(expected.abs().max())
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=TOL[dtype])
+    # The plain-torch twin agrees too (it rounds to nearest, so compare loosely for bf16).
+    twin = awq_format.awq_gemm(x.float(), *packed).to(dtype).float()
+    torch.testing.assert_close(got.float(), twin, atol=2 * tol, rtol=2 * TOL[dtype])
+
+
+@pytest.mark.parametrize("num_tokens,config", [
+    (5, kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=1)),
+    (5, kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=16, split_k=3)),  # uneven split
+    (1, kernels.AWQGemmConfig(block_m=32, block_n=64, block_k=32, split_k=2)),
+    (1, kernels.AWQGemmConfig(block_m=1, block_n=8, block_k=16, split_k=1,
+                              use_tensor_cores=False)),
+    (3, kernels.AWQGemmConfig(block_m=4, block_n=32, block_k=32, split_k=3,
+                              use_tensor_cores=False)),
+    (7, kernels.AWQGemmConfig(block_m=8, block_n=64, block_k=16, split_k=2,
+                              use_tensor_cores=False)),
+])
+def test_gemm_kernel_tile_configs(num_tokens, config):
+    num_in, num_out, group = 128, 72, 32
+    packed = _packed(num_in, num_out, group, seed=7)
+    x = torch.randn(num_tokens, num_in, generator=torch.Generator().manual_seed(8)).half()
+    x = x.to(DEVICE)
+    expected = x.float() @ awq_format.dequantize(*packed, torch.float16).float().t()
+    got = kernels.awq_gemm(x, *packed, config=config)
+    tol = TOL[torch.float16] * float(expected.abs().max())
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=TOL[torch.float16])
+
+
+def test_default_config_picks_gemv_for_few_tokens():
+    for m in range(1, kernels.GEMV_MAX_TOKENS + 1):
+        assert not kernels.default_gemm_config(m, 4096, 4096, 128, DEVICE).use_tensor_cores
+    assert kernels.default_gemm_config(kernels.GEMV_MAX_TOKENS + 1, 4096, 4096, 128,
+                                       DEVICE).use_tensor_cores
+
+
+def test_gemm_kernel_empty_batch_and_strided_rows():
+    packed = _packed(64, 48, 32)
+    x = torch.randn(0, 64).half().to(DEVICE)
+    assert kernels.awq_gemm(x, *packed).shape == (0, 48)
+    # Rows with padding between them (a view into a wider buffer) are read in place.
+    wide = torch.randn(3, 80, generator=torch.Generator().manual_seed(3)).half().to(DEVICE)
+    x = wide[:, :64]
+    expected = awq_format.awq_gemm(x.float(), *packed)
+    torch.testing.assert_close(kernels.awq_gemm(x, *packed).float(), expected,
+                               atol=2e-3 * float(expected.abs().max()), rtol=2e-3)
+
+
+def test_launchers_reject_bad_inputs():
+    qweight, qzeros, scales = _packed(64, 48, 32)
+    with pytest.raises(AssertionError, match="fp16/bf16"):
+        kernels.awq_gemm(torch.randn(2, 64, device=DEVICE), qweight, qzeros, scales)
+    with pytest.raises(AssertionError, match="must be \\[M, K=64\\]"):
+        kernels.awq_gemm(torch.randn(2, 32, device=DEVICE).half(), qweight, qzeros, scales)
+    with pytest.raises(AssertionError, match="qzeros"):
+        kernels.awq_dequantize(qweight, qzeros[:1], scales)
+    x = torch.randn(2, 64, device=DEVICE).half()
+    with pytest.raises(AssertionError, match="block_k"):
+        kernels.awq_gemm(x, qweight, qzeros, scales,
+                         config=kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=64))
+    with pytest.raises(AssertionError, match="holds all 2 tokens"):
+        kernels.awq_gemm(x, qweight, qzeros, scales,
+                         config=kernels.AWQGemmConfig(block_m=1, block_n=32, block_k=32,
+                                                      use_tensor_cores=False))
