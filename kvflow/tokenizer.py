@@ -16,9 +16,20 @@ def load_tokenizer(path: Optional[str], *, trust_remote_code: bool = False) -> A
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
-        raise ValueError(f"Could not load a tokenizer from {path!r} ({type(exc).__name__}: {exc}). "
-                         "Pass tokenizer=..., or skip_tokenizer_init=True with token-id prompts."
-                         ) from None
+        error = exc
+    # transformers reads config.json to pick the tokenizer class, and its strict config
+    # classes reject some remote-code configs (mosaicml MPT's grouped-query attn_type);
+    # retry with the config as kvflow reads it.
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from kvflow.models.source import load_hf_config
+
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                                 config=load_hf_config(path))
+        except Exception:
+            pass
+    raise ValueError(f"Could not load a tokenizer from {path!r} ({type(error).__name__}: {error}). "
+                     "Pass tokenizer=..., or skip_tokenizer_init=True with token-id prompts.")
 
 
 def eos_token_ids(tokenizer: Any, model_dir: str, hf_config: Any) -> set[int]:

@@ -18,6 +18,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("kvflow.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("kvflow.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("kvflow.models.qwen3", "Qwen3ForCausalLM"),
+    "MptForCausalLM": ("kvflow.models.mpt", "MptForCausalLM"),
+    "MPTForCausalLM": ("kvflow.models.mpt", "MptForCausalLM"),
+    "FalconForCausalLM": ("kvflow.models.falcon", "FalconForCausalLM"),
+    "RWForCausalLM": ("kvflow.models.falcon", "FalconForCausalLM"),
 }
 
 # model_type -> architecture, for configs without an ``architectures`` list
@@ -26,6 +30,10 @@ _MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mpt": "MptForCausalLM",
+    "falcon": "FalconForCausalLM",
+    "RefinedWeb": "RWForCausalLM",
+    "RefinedWebModel": "RWForCausalLM",
 }
 
 

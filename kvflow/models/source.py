@@ -7,6 +7,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+try:  # transformers 5 validates configs as strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
+except ImportError:  # older huggingface_hub: validation errors are ValueErrors
+    _ConfigValidationError = ValueError  # type: ignore[assignment, misc]
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -39,7 +44,9 @@ def load_hf_config(model_dir: str) -> Any:
     """transformers' config for the folder; a plain config for model types it does not know.
 
     Remote-code checkpoints (e.g. Falcon's "RefinedWeb") name model types that
-    transformers cannot build without their code; kvflow reads their fields as is.
+    transformers cannot build without their code, or values its own class of
+    that type rejects (mosaicml MPT's ``attn_type="grouped_query_attention"``);
+    kvflow reads their fields as is.
     """
     from transformers import AutoConfig, PretrainedConfig
 
@@ -48,7 +55,7 @@ def load_hf_config(model_dir: str) -> Any:
         raise ValueError(f"{model_dir!r} has no config.json; it is not a model folder.")
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (ValueError, KeyError, OSError):
+    except (ValueError, KeyError, OSError, _ConfigValidationError):
         with open(path, encoding="utf-8") as f:
             return PretrainedConfig.from_dict(json.load(f))
 
