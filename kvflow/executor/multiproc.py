@@ -12,12 +12,18 @@ weights and of the KV cache and runs the same step::
     wait(result pipes + process sentinels) ◄─ result pipe r ── (seq, "ok", value)
                                                             or (seq, "error", text)
 
-Every rank samples from the same all-gathered logits with the same seeds, so
-their choices agree, but only rank 0 (``OUTPUT_RANK``) sends its
-``ModelRunnerOutput`` back: one reply per step instead of N. Calls whose
-answer every rank contributes to (``determine_num_blocks``: the minimum over
-ranks) or that must be known to have succeeded everywhere (``init_cache``)
-are answered by all ranks.
+Every rank runs the whole step, sampler included, on the same all-gathered
+logits with identically seeded generators, but only rank 0 (``OUTPUT_RANK``)
+sends its ``ModelRunnerOutput`` back: one reply per step instead of N. Its
+tokens reach every rank in the next step's SchedulerOutput, so the ranks'
+request states cannot drift even if their own samples ever differed. Calls
+whose answer every rank contributes to (``determine_num_blocks``: the
+minimum over ranks) or that must be known to have succeeded everywhere
+(``init_cache``) are answered by all ranks.
+
+Ranks are spawned, not forked (fork would copy the driver's CUDA state), so
+a script that creates a tensor-parallel LLM needs the usual
+``if __name__ == "__main__":`` guard.
 
 Failure model (why there are no hangs): the driver never blocks on one
 rank's pipe; it waits on all result pipes and all process sentinels at once.
@@ -25,7 +31,9 @@ A rank that raises sends its traceback and exits; a rank that is killed
 closes its pipe and fires its sentinel. Either wakes the driver, which looks
 for a moment longer at the other ranks (a killed rank makes its peers fail
 in their collectives, and the dead one is the cause to name), then stops
-every process and raises one ``RuntimeError`` naming the rank(s).
+every process and raises one ``RuntimeError`` naming the rank(s). The one
+case this cannot see, live ranks deadlocked inside a collective, ends at
+torch.distributed's collective timeout, which raises on the ranks.
 """
 
 from __future__ import annotations
@@ -253,7 +261,10 @@ class MultiProcExecutor(BaseExecutor):
                     # the collectives of the step rank 0 answered), so it is reading soon;
                     # a dead rank makes this raise instead.
                     conn.send_bytes(data)
+                    broken = False
                 except OSError:
+                    broken = True
+                if broken:  # outside the except: the RuntimeError needs no EOF context
                     self._fail(method, {}, {rank})
                 sent += 1
         except KeyboardInterrupt:
@@ -287,6 +298,8 @@ class MultiProcExecutor(BaseExecutor):
                 try:
                     msg_seq, status, value = obj.recv()
                 except (EOFError, OSError):
+                    msg_seq, status, value = seq, "eof", None
+                if status == "eof":  # outside the except: the RuntimeError needs no EOF context
                     self._fail(what, {}, {rank})
                 if status == "error":
                     self._fail(what, {rank: value}, set())
@@ -333,6 +346,11 @@ class MultiProcExecutor(BaseExecutor):
             dead = {r: "stopped answering" for r in suspects}
         pids = {r: p.pid for r, p in enumerate(self._procs)}
         self._failure = format_failure(what, dead, errors, pids)
+        if what == "startup" and not errors:
+            self._failure += (
+                "\nA rank that exits at startup without a traceback is often a script that "
+                "creates the LLM without an `if __name__ == \"__main__\":` guard: the ranks "
+                "are spawned processes, which import the script again.")
         for proc in self._procs:  # survivors may be stuck in a collective: no goodbyes
             if proc.is_alive():
                 proc.kill()

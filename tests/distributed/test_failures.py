@@ -23,7 +23,7 @@ import torch
 from kvflow import LLM, SamplingParams
 from kvflow.core.scheduler import SchedulerOutput
 from kvflow.distributed.utils import verify_tensor_parallel_layout
-from tp_helpers import greedy, is_running, prompts
+from tp_helpers import generate, is_running, prompts
 
 FAILURE_DEADLINE_S = 20.0
 """A failure must surface well within this (it takes about one second)."""
@@ -102,13 +102,24 @@ def test_worker_startup_failure_names_rank(tmp_path, checkpoint):
     assert _wait_gone(list(_children())) == []
 
 
-def test_garbage_collection_leaves_no_process(checkpoint):
-    """Dropping the LLM is enough (explicit shutdown: test_tensor_parallel's fixture)."""
-    llm = LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2)
-    pids = llm.llm_engine.executor.worker_pids
+def test_unseeded_sampling_matches_tp1_then_garbage_collection_leaves_no_process(checkpoint):
+    """Two checks that both need a fresh tp=2 engine, so they share one.
+
+    Unseeded sampling draws from the generator each runner seeds with the
+    engine's ``seed`` when its cache is built; on a fresh engine of each kind
+    the draws are the same, so are the tokens. Then dropping the LLM is
+    enough to stop its processes (explicit shutdown: test_tensor_parallel's
+    fixture).
+    """
+    path = checkpoint("llama")
+    tp2 = LLM(path, max_model_len=128, tensor_parallel_size=2, seed=3)
+    pids = tp2.llm_engine.executor.worker_pids
     assert all(is_running(p) for p in pids)
-    assert greedy(llm, prompts()[:2])
-    del llm
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    tokens2 = generate(tp2, prompts(), params)
+    tp1 = LLM(path, max_model_len=128, seed=3)  # seeds this process's generator: build last
+    assert generate(tp1, prompts(), params) == tokens2
+    del tp2
     gc.collect()
     assert _wait_gone(pids, timeout=0.1) == []  # gone by the time collection returns
 
