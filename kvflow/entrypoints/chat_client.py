@@ -161,8 +161,10 @@ def stream_completion(url: str, prompt: str, *, model: Optional[str], api_key: O
 
 
 def chat_loop(backend: ChatBackend, *, system: Optional[str] = None,
-              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+              stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
     """Reads user lines, prints streamed replies, keeps the history; returns the exit status."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()
     if interactive:

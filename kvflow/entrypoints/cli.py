@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import logging
 import sys
 import textwrap
@@ -35,7 +36,7 @@ def _field_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):
@@ -110,14 +111,18 @@ def _resolve_model(ns: argparse.Namespace) -> str:
         from kvflow.models.gguf import default_model_path
 
         model = default_model_path()
-        logging.getLogger("kvflow").info("no model given: serving the built-in default %s", model)
+        logging.getLogger("kvflow").info("no model given: using the built-in default %s", model)
     return model
 
 
 # ---------------------------------------------------------------------------- subcommands
 def _serve(ns: argparse.Namespace) -> int:
     from kvflow.engine.async_llm import AsyncLLM
-    from kvflow.entrypoints.openai.server import ServerArgs, load_chat_template, run_server
+    from kvflow.entrypoints.openai.server import (
+        ServerArgs,
+        load_chat_template,
+        run_server,
+    )
 
     model = _resolve_model(ns)
     load_chat_template(ns.chat_template)  # fail before loading the model, not after

@@ -230,6 +230,24 @@ def test_completion_extra_body_fields(client, greedy_texts):
     assert r.usage.completion_tokens >= 3
 
 
+def test_return_token_ids(client, offline):
+    ref = offline.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                           use_tqdm=False)[0]
+    extra = {"return_token_ids": True}
+    r = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=MAX_TOKENS,
+                                  temperature=0, extra_body=extra)
+    choice = r.choices[0].model_extra
+    assert choice["token_ids"] == ref.outputs[0].token_ids
+    assert choice["prompt_token_ids"] == ref.prompt_token_ids
+    streamed = []
+    for chunk in client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True, extra_body=extra):
+        streamed += chunk.choices[0].model_extra["token_ids"]
+    assert streamed == ref.outputs[0].token_ids
+    plain = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=2)
+    assert "token_ids" not in plain.choices[0].model_extra  # absent unless asked for
+
+
 # ---------------------------------------------------------------------------- chat
 def test_chat_greedy_equals_offline(client, chat_reference):
     expected, num_prompt = chat_reference
@@ -387,6 +405,21 @@ def test_concurrent_streams_with_disconnects(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_disconnect_aborts_non_streaming_request(server):
+    """A client that gives up on a whole (non-streamed) response frees its request too."""
+    def aborted() -> float:
+        return sum(v for k, v in metrics_values(server.url).items()
+                   if k.startswith("kvflow:request_success_total")
+                   and 'finished_reason="abort"' in k)
+
+    before = aborted()
+    body = {"model": NAME, "prompt": "A long story:", "max_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/completions", json=body, timeout=0.5)
+    assert _wait_idle(server.url, timeout=5.0)
+    assert aborted() == before + 1
+
+
 def _wait_idle(url: str, timeout: float = 15.0) -> bool:
     """Waits until /metrics shows no running or waiting request and an empty KV cache."""
     end = time.monotonic() + timeout
@@ -401,6 +434,7 @@ def _wait_idle(url: str, timeout: float = 15.0) -> bool:
 
 
 # ---------------------------------------------------------------------------- LangChain
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # langchain-community's own
 def test_langchain_vllm_openai(server):
     """The seed's code, unchanged but for the URL and the model name."""
     llms = pytest.importorskip("langchain_community.llms")

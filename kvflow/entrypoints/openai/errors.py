@@ -114,8 +114,9 @@ def validation_message(errors: list[dict[str, Any]], content_type: Optional[str]
             if err.get("type") == "missing":
                 return "The request has no body: send a JSON object.", None
             if content_type and "json" not in content_type:
-                return (f"The body must be a JSON object sent with Content-Type: "
-                        f"application/json, got Content-Type: {content_type}.", None)
+                message = ("The body must be a JSON object sent with Content-Type: "
+                           f"application/json, got Content-Type: {content_type}.")
+                return message, None
             return f"The body must be a JSON object, got {_short(err.get('input'))}.", None
     groups: dict[Optional[str], list[str]] = {}
     for err in errors:

@@ -35,7 +35,7 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str, open_paths: Iterable[str]) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode("utf-8")
+        self.expected = f"Bearer {api_key}".encode()
         self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -35,6 +35,11 @@ class ResponseModel(BaseModel):
     """Base of response bodies (and stream chunks)."""
 
 
+def _extension() -> Any:
+    """A field of a vLLM extension: absent from the JSON unless it has a value."""
+    return Field(default=None, exclude_if=lambda v: v is None)
+
+
 # ---------------------------------------------------------------------------- errors
 class ErrorInfo(ResponseModel):
     message: str
@@ -102,6 +107,9 @@ class SamplingFields(RequestModel):
     prompt_logprobs: Optional[int] = None
     return_tokens_as_token_ids: Optional[bool] = None
     """Report logprob tokens as ``token_id:<id>``, for tokens that are not valid UTF-8 alone."""
+    return_token_ids: Optional[bool] = None
+    """vLLM's extension: add ``prompt_token_ids`` and ``token_ids`` to the choices (streamed
+    too), for clients that count tokens exactly or run without a tokenizer."""
     best_of: Optional[int] = None
 
 
@@ -136,6 +144,8 @@ class CompletionResponseChoice(ResponseModel):
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[None, int, str] = None
+    prompt_token_ids: Optional[list[int]] = _extension()
+    token_ids: Optional[list[int]] = _extension()
 
 
 class CompletionResponse(ResponseModel):
@@ -219,6 +229,7 @@ class ChatCompletionResponseChoice(ResponseModel):
     logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[None, int, str] = None
+    token_ids: Optional[list[int]] = _extension()
 
 
 class ChatCompletionResponse(ResponseModel):
@@ -228,6 +239,7 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_token_ids: Optional[list[int]] = _extension()
 
 
 class DeltaMessage(ResponseModel):
@@ -241,6 +253,7 @@ class ChatCompletionStreamChoice(ResponseModel):
     logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[None, int, str] = None
+    token_ids: Optional[list[int]] = _extension()
 
 
 class ChatCompletionStreamResponse(ResponseModel):

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -31,7 +31,10 @@ from fastapi.responses import JSONResponse, Response
 from kvflow import __version__, envs
 from kvflow.entrypoints.openai.errors import APIError, install_exception_handlers
 from kvflow.entrypoints.openai.metrics import ServerMetrics
-from kvflow.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from kvflow.entrypoints.openai.middleware import (
+    APIKeyMiddleware,
+    BodySizeLimitMiddleware,
+)
 from kvflow.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -46,11 +49,14 @@ from kvflow.entrypoints.openai.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from kvflow.entrypoints.openai.serving_base import OpenAIServing
 from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvflow.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger("kvflow.entrypoints.openai")
+
+T = TypeVar("T", bound=OpenAIServing)
 
 OPEN_PATHS = ("/health", "/version", "/metrics")
 """Routes the API key does not guard: probes and scrapers carry no credentials."""
@@ -104,12 +110,16 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
     names = list(args.served_model_names) or [
         model_config.served_model_name or model_config.model]
     metrics = ServerMetrics(async_llm, names[0])
-    common = dict(served_model_names=names, metrics=metrics,
-                  chat_template=load_chat_template(args.chat_template),
-                  trust_request_chat_template=args.trust_request_chat_template)
-    completions = OpenAIServingCompletion(async_llm, **common)
-    chats = OpenAIServingChat(async_llm, **common)
-    tokenization = OpenAIServingTokenization(async_llm, **common)
+    chat_template = load_chat_template(args.chat_template)
+
+    def serving(cls: type[T]) -> T:
+        return cls(async_llm, served_model_names=names, metrics=metrics,
+                   chat_template=chat_template,
+                   trust_request_chat_template=args.trust_request_chat_template)
+
+    completions = serving(OpenAIServingCompletion)
+    chats = serving(OpenAIServingChat)
+    tokenization = serving(OpenAIServingTokenization)
     state = _EngineState(async_llm)
 
     @contextlib.asynccontextmanager

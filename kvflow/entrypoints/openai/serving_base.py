@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Optional, TypeVar
 
 from fastapi import Request
 
@@ -130,10 +131,12 @@ class OpenAIServing:
         if extra:
             logger.warning("ignoring unknown request fields: %s", sorted(extra))
 
-    def require_tokenizer(self) -> Any:
+    def require_tokenizer(self, param: str = "prompt") -> Any:
         if self.tokenizer is None:
-            raise APIError("The server runs with skip_tokenizer_init: send prompts as token ids.",
-                           400, "prompt")
+            hint = ("send prompts as token ids" if param == "prompt"
+                    else "chat templates need one; use /v1/completions with token ids")
+            raise APIError(f"The server runs without a tokenizer (skip_tokenizer_init): {hint}.",
+                           400, param)
         return self.tokenizer
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
@@ -143,7 +146,7 @@ class OpenAIServing:
                            f"[0, {self.vocab_size}).", 400, param)
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: Optional[int],
-                           param: str) -> int:
+                           param: str, max_tokens_param: str = "max_tokens") -> int:
         """Checks the prompt and the requested output against the context; returns max_tokens.
 
         As in OpenAI's and vLLM's servers, asking for more than fits is an error
@@ -162,7 +165,7 @@ class OpenAIServing:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in "
                 f"the prompt, {max_tokens} for the completion). Reduce the prompt or max_tokens "
-                f"to at most {room}.", 400, "max_tokens")
+                f"to at most {room}.", 400, max_tokens_param)
         return max_tokens
 
     def check_common(self, request: SamplingFields) -> None:
@@ -229,7 +232,8 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ running
     async def run_requests(self, prompts: list[EnginePrompt], kind: RequestOutputKind,
-                           arrival_time: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+                           arrival_time: float
+                           ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Runs the prompts as engine requests; yields (prompt index, output) as they come.
 
         The first ``__anext__`` returns only once every prompt produced an output
@@ -333,7 +337,7 @@ class OpenAIServing:
 
 
 def clamp_logprob(value: float) -> float:
-    return max(value, MIN_LOGPROB) if value == value else MIN_LOGPROB
+    return MIN_LOGPROB if math.isnan(value) else max(value, MIN_LOGPROB)
 
 
 def _or(value: Optional[T], default: T) -> T:

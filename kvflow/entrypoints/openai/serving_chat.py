@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -79,7 +79,7 @@ class OpenAIServingChat(OpenAIServing):
                template_kwargs: Optional[dict[str, Any]],
                tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
         """Token ids of the conversation; template failures are the client's 400."""
-        tokenizer = self.require_tokenizer()
+        tokenizer = self.require_tokenizer("messages")
         if chat_template is not None and not self.trust_request_chat_template:
             raise APIError("chat_template in the request is refused: start the server with "
                            "--trust-request-chat-template to allow it, or use --chat-template.",
@@ -128,9 +128,11 @@ class OpenAIServingChat(OpenAIServing):
             ids = ids[-request.truncate_prompt_tokens:]
         if not ids:
             raise APIError("The rendered conversation is empty.", 400, "messages")
-        requested = (request.max_completion_tokens if request.max_completion_tokens is not None
-                     else request.max_tokens)
-        max_tokens = self.resolve_max_tokens(len(ids), requested, "messages")
+        use_new = request.max_completion_tokens is not None
+        requested = request.max_completion_tokens if use_new else request.max_tokens
+        max_tokens = self.resolve_max_tokens(
+            len(ids), requested, "messages",
+            "max_completion_tokens" if use_new else "max_tokens")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=logprobs,
                                       prompt_logprobs=request.prompt_logprobs,
@@ -198,12 +200,14 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(ChatCompletionResponseChoice(
                 index=comp.index, message=ChatResponseMessage(content=echo + comp.text),
                 logprobs=logprobs, finish_reason=comp.finish_reason,
-                stop_reason=comp.stop_reason))
+                stop_reason=comp.stop_reason,
+                token_ids=list(comp.token_ids) if request.return_token_ids else None))
         num_prompt = len(prompt.token_ids)
         response = ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
             usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                            total_tokens=num_prompt + num_generated))
+                            total_tokens=num_prompt + num_generated),
+            prompt_token_ids=prompt.token_ids if request.return_token_ids else None)
         return JSONResponse(response.model_dump())
 
     # ------------------------------------------------------------------ streaming
@@ -222,7 +226,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream_body(self, request: ChatCompletionRequest, prompt: EnginePrompt,
                            model: str, request_id: str, first: RequestOutput,
-                           outputs: AsyncIterator[tuple[int, RequestOutput]],
+                           outputs: AsyncGenerator[tuple[int, RequestOutput], None],
                            echo: str) -> AsyncIterator[str]:
         created = int(time.time())
         opts = request.stream_options
@@ -256,8 +260,10 @@ class OpenAIServingChat(OpenAIServing):
                 if comp.finish_reason is not None:
                     ended.add(comp.index)
                 num_generated += len(comp.token_ids)
-                if (not comp.text and comp.finish_reason is None
-                        and (not request.logprobs or not comp.token_ids)):
+                # Held-back text makes no chunk unless token ids or logprobs were asked for.
+                wants_tokens = request.logprobs or request.return_token_ids
+                if not comp.text and comp.finish_reason is None and not (
+                        wants_tokens and comp.token_ids):
                     continue
                 logprobs = None
                 if request.logprobs:
@@ -265,7 +271,8 @@ class OpenAIServingChat(OpenAIServing):
                                                   request.top_logprobs or 0, as_ids)
                 events.append(event(ChatCompletionStreamChoice(
                     index=comp.index, delta=DeltaMessage(content=comp.text), logprobs=logprobs,
-                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason)))
+                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+                    token_ids=list(comp.token_ids) if request.return_token_ids else None)))
             return events
 
         try:
@@ -291,5 +298,5 @@ class OpenAIServingChat(OpenAIServing):
             status = 400 if isinstance(exc, ValueError) else 500
             yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
         finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+            await outputs.aclose()
         yield sse_done()

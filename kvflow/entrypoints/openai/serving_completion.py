@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -112,10 +112,14 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.echo:
                     text = self._prompt_text(prompt) + text
                 if request.logprobs is not None:
-                    logprobs = self._logprobs(request, prompt, final, comp, echo=request.echo)
-                choices.append(CompletionResponseChoice(
+                    logprobs = self._logprobs(request, prompt, final, comp, echo=bool(request.echo))
+                choice = CompletionResponseChoice(
                     index=index * request.n + comp.index, text=text, logprobs=logprobs,
-                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason)
+                if request.return_token_ids:
+                    choice.prompt_token_ids = prompt.token_ids
+                    choice.token_ids = list(comp.token_ids)
+                choices.append(choice)
         num_prompt = sum(len(p.token_ids) for p in prompts)
         response = CompletionResponse(
             id=request_id, model=model, choices=choices,
@@ -180,7 +184,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _stream_body(self, request: CompletionRequest, prompts: list[EnginePrompt],
                            model: str, request_id: str, first: tuple[int, RequestOutput],
-                           outputs: AsyncIterator[tuple[int, RequestOutput]]
+                           outputs: AsyncGenerator[tuple[int, RequestOutput], None]
                            ) -> AsyncIterator[str]:
         created = int(time.time())
         n = request.n
@@ -191,6 +195,7 @@ class OpenAIServingCompletion(OpenAIServing):
         num_generated = 0
         echoed: set[int] = set()
         ended: set[int] = set()
+        ids_sent: set[int] = set()
         offsets: dict[int, int] = {}
         # DELTA outputs carry prompt logprobs in slices, as prefill chunks compute them.
         prompt_lps: dict[int, list[Any]] = {}
@@ -226,9 +231,11 @@ class OpenAIServingCompletion(OpenAIServing):
                         token_ids = prompt.token_ids + token_ids
                         entries = lps[:len(prompt.token_ids)] + entries
                 # Tokens whose text is held back (half a character, a possible stop
-                # string) make no chunk unless their logprobs were asked for.
-                if (not text and comp.finish_reason is None
-                        and (request.logprobs is None or not token_ids)):
+                # string) make no chunk unless their ids or logprobs were asked for, or
+                # there is no tokenizer and ids are all there is.
+                wants_tokens = (request.logprobs is not None or request.return_token_ids
+                                or self.tokenizer is None)
+                if not text and comp.finish_reason is None and not (wants_tokens and token_ids):
                     continue
                 logprobs = None
                 if request.logprobs is not None:
@@ -237,11 +244,17 @@ class OpenAIServingCompletion(OpenAIServing):
                     if logprobs.text_offset:
                         offsets[choice_index] = (logprobs.text_offset[-1]
                                                  + len(logprobs.tokens[-1]))
+                choice = CompletionResponseChoice(
+                    index=choice_index, text=text, logprobs=logprobs,
+                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason)
+                if request.return_token_ids:
+                    choice.token_ids = list(comp.token_ids)
+                    if choice_index not in ids_sent:
+                        ids_sent.add(choice_index)
+                        choice.prompt_token_ids = prompt.token_ids
                 chunk = CompletionStreamResponse(
                     id=request_id, object="text_completion", created=created, model=model,
-                    choices=[CompletionResponseChoice(
-                        index=choice_index, text=text, logprobs=logprobs,
-                        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason)])
+                    choices=[choice])
                 if continuous:
                     chunk.usage = usage()
                 events.append(sse_event(chunk.model_dump_json(exclude_unset=True)))
@@ -262,7 +275,7 @@ class OpenAIServingCompletion(OpenAIServing):
             status = 400 if isinstance(exc, ValueError) else 500
             yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
         finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+            await outputs.aclose()
         yield sse_done()
 
 

@@ -17,7 +17,7 @@ class OpenAIServingTokenization(OpenAIServingChat):
 
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.resolve_model(request.model)
-        tokenizer = self.require_tokenizer()
+        tokenizer = self.require_tokenizer("messages" if request.messages else "prompt")
         if (request.prompt is None) == (request.messages is None):
             raise APIError("Send exactly one of prompt (a string) or messages (a chat).", 400,
                            "prompt")
@@ -39,6 +39,6 @@ class OpenAIServingTokenization(OpenAIServingChat):
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.resolve_model(request.model)
-        tokenizer = self.require_tokenizer()
+        tokenizer = self.require_tokenizer("tokens")
         self.check_token_ids(request.tokens, "tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))

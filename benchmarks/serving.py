@@ -1,0 +1,226 @@
+"""Serving benchmark: an OpenAI streaming load generator, like vLLM's serving benchmark.
+
+Sends N completion requests to a running server (``kvflow serve``, vLLM, any
+OpenAI-compatible server), each a prompt of random token ids with
+``ignore_eos`` so that every request produces exactly ``--output-len`` tokens,
+with Poisson arrivals at ``--request-rate`` (``inf``: all at once). Reports, as
+JSON and as one markdown table row:
+
+- TTFT: arrival to the first streamed token;
+- TPOT: (latency - TTFT) / (output tokens - 1), per request;
+- ITL:  time between two streamed chunks (a chunk carries one token, or
+        several when the server batches them);
+- E2E latency, req/s, output tok/s, total tok/s.
+
+Example (BENCHMARKS.md, workload S1):
+
+    kvflow serve DIR --load-format dummy --skip-tokenizer-init &
+    python benchmarks/serving.py --num-prompts 500 --input-len 512 --output-len 128 \\
+        --request-rate 16 --token-id-max 128000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import httpx
+
+
+@dataclass
+class RequestResult:
+    """What one request's client saw; times are time.perf_counter seconds."""
+
+    ok: bool
+    start: float
+    ttft: Optional[float] = None
+    latency: Optional[float] = None
+    output_tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def random_prompts(num: int, input_len: int, token_id_max: int, seed: int) -> list[list[int]]:
+    """Token-id prompts; ids start at 10 to stay clear of the usual special tokens."""
+    rng = random.Random(seed)
+    low = min(10, token_id_max - 1)
+    return [[rng.randrange(low, token_id_max) for _ in range(input_len)] for _ in range(num)]
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int],
+                      output_len: int, extra: dict[str, Any]) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "return_token_ids": True, **extra}
+    start = time.perf_counter()
+    result = RequestResult(ok=False, start=start)
+    last: Optional[float] = None
+    streamed_tokens = 0
+    try:
+        async with client.stream("POST", "/completions", json=body) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                event = json.loads(payload)
+                if "error" in event:
+                    result.error = str(event["error"])
+                    return result
+                if event.get("usage"):
+                    result.output_tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", []):
+                    n_tokens = len(choice.get("token_ids") or []) or (1 if choice.get("text") else 0)
+                    if n_tokens == 0:
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+                    streamed_tokens += n_tokens
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.latency = time.perf_counter() - start
+    result.output_tokens = result.output_tokens or streamed_tokens
+    result.ok = result.ttft is not None
+    return result
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.num_prompts + 8, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers,
+                                 limits=limits, timeout=httpx.Timeout(None)) as client:
+        model = args.model or (await client.get("/models")).json()["data"][0]["id"]
+        prompts = random_prompts(args.num_prompts, args.input_len, args.token_id_max, args.seed)
+        extra = json.loads(args.extra_body) if args.extra_body else {}
+        for i in range(args.warmup):
+            await one_request(client, model, prompts[i % len(prompts)], 4, extra)
+        limiter = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
+        rng = random.Random(args.seed + 1)
+
+        async def limited(prompt: list[int]) -> RequestResult:
+            async with limiter:
+                return await one_request(client, model, prompt, args.output_len, extra)
+
+        tasks = []
+        bench_start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.ensure_future(limited(prompt)))
+            if not math.isinf(args.request_rate):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - bench_start
+    return summarize(args, model, results, duration)
+
+
+def _pct(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _stats_ms(values: list[float]) -> dict[str, Optional[float]]:
+    ms = [v * 1000 for v in values]
+    return {"mean": statistics.fmean(ms) if ms else None, "p50": _pct(ms, 50),
+            "p99": _pct(ms, 99)}
+
+
+def summarize(args: argparse.Namespace, model: str, results: list[RequestResult],
+              duration: float) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    errors = [r.error for r in results if not r.ok]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done
+             if r.latency is not None and r.ttft is not None and r.output_tokens > 1]
+    output_tokens = sum(r.output_tokens for r in done)
+    return {
+        "model": model,
+        "base_url": args.base_url,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+        "max_concurrency": args.max_concurrency,
+        "completed": len(done),
+        "failed": len(errors),
+        "first_errors": errors[:3],
+        "duration_s": duration,
+        "request_throughput": len(done) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (output_tokens + args.input_len * len(done)) / duration,
+        "ttft_ms": _stats_ms([r.ttft for r in done if r.ttft is not None]),
+        "tpot_ms": _stats_ms(tpots),
+        "itl_ms": _stats_ms([x for r in done for x in r.itls]),
+        "e2e_ms": _stats_ms([r.latency for r in done if r.latency is not None]),
+    }
+
+
+def markdown_row(s: dict[str, Any]) -> str:
+    def f(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    return (f"| {s['request_rate']} | {s['completed']}/{s['num_prompts']} "
+            f"| {s['request_throughput']:.2f} | {s['output_throughput']:.1f} "
+            f"| {f(s['ttft_ms']['p50'])} | {f(s['ttft_ms']['p99'])} "
+            f"| {f(s['tpot_ms']['p50'])} | {f(s['tpot_ms']['p99'])} "
+            f"| {f(s['itl_ms']['p50'])} | {f(s['itl_ms']['p99'])} |")
+
+
+MARKDOWN_HEADER = ("| rate (req/s) | completed | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms "
+                   "| TPOT p50 ms | TPOT p99 ms | ITL p50 ms | ITL p99 ms |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                   help="The server's OpenAI base URL (ending in /v1).")
+    p.add_argument("--model", default=None, help="Served model name (default: the first).")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=500)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="Poisson arrival rate in requests/s; inf sends all at once.")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="Most requests in flight at once (default: no limit).")
+    p.add_argument("--token-id-max", type=int, default=10_000,
+                   help="Prompt ids are drawn from [10, this); keep it within the vocabulary.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="Short requests sent first, unmeasured.")
+    p.add_argument("--extra-body", default=None, help="JSON merged into every request body.")
+    p.add_argument("--result-json", default=None, help="Also write the JSON summary here.")
+    args = p.parse_args(argv)
+    summary = asyncio.run(run(args))
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.result_json:
+        with open(args.result_json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print()
+    print(MARKDOWN_HEADER)
+    print(markdown_row(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

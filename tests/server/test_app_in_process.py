@@ -1,0 +1,81 @@
+"""``build_app`` in this process through httpx's ASGI transport: the paths a subprocess
+server would need its own start for (no tokenizer, a --chat-template override)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from kvflow.config import EngineArgs
+from kvflow.engine.async_llm import AsyncLLM
+from kvflow.entrypoints.llm import apply_chat_template
+from kvflow.entrypoints.openai.server import ServerArgs, build_app, load_chat_template
+
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def _run(async_llm: AsyncLLM, args: ServerArgs, scenario) -> None:
+    async def main() -> None:
+        app = build_app(async_llm, args)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            try:
+                await scenario(client)
+            finally:
+                await async_llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_without_tokenizer_token_ids_stream(tiny_model):
+    """skip_tokenizer_init (the benchmarks' setup): ids in, one chunk per token out."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128,
+                                               skip_tokenizer_init=True))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "stream": True,
+                "ignore_eos": True, "return_token_ids": True}
+        r = await client.post("/v1/completions", json=body)
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert sum(len(c["token_ids"]) for c in chunks) == 5
+        assert chunks[0]["prompt_token_ids"] == [5, 6, 7, 8]
+        assert chunks[-1]["finish_reason"] == "length"
+        r = await client.post("/v1/completions", json={"prompt": "text", "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = await client.post("/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        r = await client.post("/detokenize", json={"tokens": [5]})
+        assert r.status_code == 400
+
+    _run(llm, ServerArgs(served_model_names=["ids-only"]), scenario)
+
+
+def test_chat_template_override(tiny_model, tmp_path):
+    path = tmp_path / "template.jinja"
+    path.write_text(TEMPLATE, encoding="utf-8")
+    assert load_chat_template(str(path)) == TEMPLATE
+    assert load_chat_template(TEMPLATE) == TEMPLATE
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        load_chat_template("no-such-file.jinja")
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128))
+    messages = [{"role": "user", "content": "Hello"}]
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/tokenize", json={"messages": messages})
+        expected = apply_chat_template(llm.get_tokenizer(), messages, chat_template=TEMPLATE)
+        assert r.json()["tokens"] == expected
+        r = await client.post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200
+        assert r.json()["usage"]["prompt_tokens"] == len(expected)
+        models = (await client.get("/v1/models")).json()["data"]
+        assert models[0]["id"] == tiny_model  # no --served-model-name: the model argument
+
+    _run(llm, ServerArgs(chat_template=str(path)), scenario)

@@ -1,0 +1,161 @@
+"""``kvflow`` subcommands: flags generated from EngineArgs, and the terminal clients end to end."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ServerProcess
+
+from kvflow import LLM, SamplingParams
+from kvflow.config import EngineArgs
+from kvflow.entrypoints import cli
+from kvflow.entrypoints.openai.server import ServerArgs
+
+MAX_MODEL_LEN = 256
+PROMPT = "The quick brown fox"
+QUESTIONS = ["What is the capital of France?", "And of Germany?"]
+
+
+def _run(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvflow.entrypoints.cli", *args], input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+# ---------------------------------------------------------------------------- flags
+def _options(command: str) -> set[str]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {opt for action in sub.choices[command]._actions for opt in action.option_strings}
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
+def test_every_engine_field_is_a_flag(command):
+    options = _options(command)
+    for f in dataclasses.fields(EngineArgs):
+        assert "--" + f.name.replace("_", "-") in options, f.name
+
+
+def test_vllm_flag_names_and_defaults():
+    ns = cli.build_parser().parse_args(["serve", "m"])
+    assert cli.engine_args_from(ns, "m") == EngineArgs(model="m")
+    assert ns.port == 8000 and ns.host is None and ns.api_key is None
+    assert ns.allowed_origins == ["*"]
+    ns = cli.build_parser().parse_args([
+        "serve", "m", "--host", "127.0.0.1", "--port", "9001", "--api-key", "k",
+        "--served-model-name", "a", "b", "--chat-template", "{{ x }}",
+        "--allowed-origins", "http://x", "--uvicorn-log-level", "warning",
+        "--max-model-len", "128", "--gpu-memory-utilization", "0.5",
+        "--tensor-parallel-size", "2", "--quantization", "awq", "--dtype", "float16",
+        "--no-enable-prefix-caching", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+        "--block-size", "32", "--enforce-eager", "--seed", "3", "--trust-remote-code",
+        "--load-format", "dummy", "--num-gpu-blocks-override", "none"])
+    args = cli.engine_args_from(ns, "m")
+    assert (args.max_model_len, args.gpu_memory_utilization, args.tensor_parallel_size) == (
+        128, 0.5, 2)
+    assert (args.quantization, args.dtype, args.enable_prefix_caching) == ("awq", "float16", False)
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.block_size) == (8, 64, 32)
+    assert (args.enforce_eager, args.seed, args.trust_remote_code) == (True, 3, True)
+    assert args.load_format == "dummy" and args.num_gpu_blocks_override is None
+    assert args.served_model_name == "a" and ns.served_model_name == ["a", "b"]
+    assert (ns.host, ns.port, ns.api_key, ns.uvicorn_log_level) == (
+        "127.0.0.1", 9001, "k", "warning")
+    server_fields = {f.name for f in dataclasses.fields(ServerArgs)}
+    assert {"host", "port", "api_key", "chat_template", "allowed_origins"} <= server_fields
+
+
+def test_no_model_means_the_builtin_default(monkeypatch):
+    monkeypatch.setattr("kvflow.models.gguf.default_model_path", lambda: "/models/default.gguf")
+    ns = cli.build_parser().parse_args(["serve"])
+    assert cli._resolve_model(ns) == "/models/default.gguf"
+    assert cli._default_served_name(ns, "/models/default.gguf") == "default"
+    ns = cli.build_parser().parse_args(["generate", "hi"])
+    assert cli._resolve_model(ns) == "/models/default.gguf"
+
+
+def _main(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """``kvflow ARGS`` in this process (a subprocess pays seconds of imports each time)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_flag_value_is_a_clean_error(tiny_model, capsys, monkeypatch):
+    code, _, err = _main(capsys, monkeypatch, "generate", "hi", "--model", tiny_model,
+                         "--block-size", "3")
+    assert code == 2
+    assert "block_size" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- offline
+@pytest.fixture(scope="module")
+def offline(tiny_model) -> LLM:
+    return LLM(tiny_model, max_model_len=MAX_MODEL_LEN)
+
+
+def test_generate_prints_greedy_text(tiny_model, offline):
+    """Through a real process: ``python -m kvflow.entrypoints.cli`` is what the script runs."""
+    expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10),
+                                use_tqdm=False)[0].outputs[0].text
+    r = _run("generate", PROMPT, "--model", tiny_model, "--max-tokens", "10",
+             "--temperature", "0", "--max-model-len", str(MAX_MODEL_LEN))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+
+
+def _expected_chat(offline: LLM, max_tokens: int) -> list[str]:
+    history: list[dict[str, str]] = []
+    replies = []
+    for q in QUESTIONS:
+        history.append({"role": "user", "content": q})
+        out = offline.chat(history, SamplingParams(temperature=0, max_tokens=max_tokens),
+                           use_tqdm=False)[0].outputs[0].text
+        history.append({"role": "assistant", "content": out})
+        replies.append(out)
+    return replies
+
+
+def test_offline_chat_is_multi_turn(tiny_model, offline, capsys, monkeypatch):
+    code, out, err = _main(capsys, monkeypatch, "chat", "--model", tiny_model, "--max-tokens",
+                           "6", "--temperature", "0", "--max-model-len", str(MAX_MODEL_LEN),
+                           stdin="\n".join(QUESTIONS) + "\n/exit\n")
+    assert code == 0, err
+    assert out == "".join(reply + "\n" for reply in _expected_chat(offline, 6))
+
+
+# ---------------------------------------------------------------------------- clients of a server
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    srv = ServerProcess(tiny_model, "--max-model-len", str(MAX_MODEL_LEN), "--api-key", "k1")
+    yield srv
+    srv.close()
+
+
+def test_complete_client(server, offline, capsys, monkeypatch):
+    expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10),
+                                use_tqdm=False)[0].outputs[0].text
+    code, out, err = _main(capsys, monkeypatch, "complete", "--url", server.url, PROMPT,
+                           "--max-tokens", "10", "--temperature", "0", "--api-key", "k1")
+    assert code == 0, err
+    assert out == expected + "\n"
+    code, _, err = _main(capsys, monkeypatch, "complete", "--url", server.url, PROMPT,
+                         "--api-key", "wrong")
+    assert code == 2 and "401" in err and "Traceback" not in err
+
+
+def test_remote_chat_client(server, offline, capsys, monkeypatch):
+    code, out, err = _main(capsys, monkeypatch, "chat", "--url", server.url + "/v1",
+                           "--max-tokens", "6", "--temperature", "0", "--api-key", "k1",
+                           stdin="\n".join(QUESTIONS) + "\n")
+    assert code == 0, err
+    assert out == "".join(reply + "\n" for reply in _expected_chat(offline, 6))
