@@ -12,11 +12,18 @@ JSON and as one markdown table row:
         several when the server batches them);
 - E2E latency, req/s, output tok/s, total tok/s.
 
-Example (BENCHMARKS.md, workload S1):
+Against a server already running:
 
     kvflow serve DIR --load-format dummy --skip-tokenizer-init &
     python benchmarks/serving.py --num-prompts 500 --input-len 512 --output-len 128 \\
         --request-rate 16 --token-id-max 128000
+
+Or self-contained (BENCHMARKS.md, workload S1): first the same engine offline on the
+same prompts (the ceiling), then ``kvflow serve`` started here, one run per rate, each
+row with its fraction of the offline throughput:
+
+    python benchmarks/serving.py --serve-args "DIR --load-format dummy --skip-tokenizer-init" \\
+        --offline-ceiling --request-rates 4 16 inf --num-prompts 500 --token-id-max 128000
 """
 
 from __future__ import annotations
@@ -177,23 +184,111 @@ def markdown_row(s: dict[str, Any]) -> str:
     def f(v: Optional[float]) -> str:
         return "-" if v is None else f"{v:.1f}"
 
+    fraction = s.get("fraction_of_offline")
     return (f"| {s['request_rate']} | {s['completed']}/{s['num_prompts']} "
             f"| {s['request_throughput']:.2f} | {s['output_throughput']:.1f} "
+            f"| {'-' if fraction is None else f'{fraction:.0%}'} "
             f"| {f(s['ttft_ms']['p50'])} | {f(s['ttft_ms']['p99'])} "
             f"| {f(s['tpot_ms']['p50'])} | {f(s['tpot_ms']['p99'])} "
             f"| {f(s['itl_ms']['p50'])} | {f(s['itl_ms']['p99'])} |")
 
 
-MARKDOWN_HEADER = ("| rate (req/s) | completed | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms "
-                   "| TPOT p50 ms | TPOT p99 ms | ITL p50 ms | ITL p99 ms |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|")
+MARKDOWN_HEADER = ("| rate (req/s) | completed | req/s | out tok/s | vs offline | TTFT p50 ms "
+                   "| TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ITL p50 ms | ITL p99 ms |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+# ---------------------------------------------------------------------------- self-contained runs
+def offline_throughput(serve_args: list[str], prompts: list[list[int]],
+                       output_len: int) -> dict[str, float]:
+    """The same engine offline on the same prompts: the ceiling the server is held to.
+
+    Runs in this process; call it in a child process so its memory is gone before
+    the server starts.
+    """
+    from kvflow.entrypoints import cli
+    from kvflow.entrypoints.llm import LLM
+    from kvflow.sampling_params import SamplingParams
+
+    ns = cli.build_parser().parse_args(["serve", *serve_args])
+    engine_args = cli.engine_args_from(ns, cli._resolve_model(ns))
+    llm = LLM(**{f: getattr(engine_args, f) for f in engine_args.field_names()})
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    duration = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"duration_s": duration, "output_throughput": tokens / duration,
+            "request_throughput": len(prompts) / duration}
+
+
+class LaunchedServer:
+    """``kvflow serve`` in a child process on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, serve_args: list[str], timeout: float = 900.0) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        cmd = [sys.executable, "-m", "kvflow.entrypoints.cli", "serve", *serve_args,
+               "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+               "--uvicorn-log-level", "warning"]
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvflow serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.base_url[:-3] + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"kvflow serve not healthy after {timeout}s")
+
+    def stop(self) -> Optional[int]:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _offline_in_child(args: argparse.Namespace) -> dict[str, float]:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--offline-only", "--serve-args", args.serve_args,
+           "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+           "--output-len", str(args.output_len), "--token-id-max", str(args.token_id_max),
+           "--seed", str(args.seed)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import shlex
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
                    help="The server's OpenAI base URL (ending in /v1).")
+    p.add_argument("--serve-args", default=None,
+                   help="Start `kvflow serve ARGS` here instead of using --base-url.")
+    p.add_argument("--offline-ceiling", action="store_true",
+                   help="With --serve-args: first run the same engine offline on the same "
+                        "prompts and report each rate's fraction of its throughput.")
+    p.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="Served model name (default: the first).")
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-prompts", type=int, default=500)
@@ -201,6 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="Poisson arrival rate in requests/s; inf sends all at once.")
+    p.add_argument("--request-rates", type=float, nargs="+", default=None,
+                   help="Several rates, one run each (overrides --request-rate).")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="Most requests in flight at once (default: no limit).")
     p.add_argument("--token-id-max", type=int, default=10_000,
@@ -208,18 +305,44 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="Short requests sent first, unmeasured.")
     p.add_argument("--extra-body", default=None, help="JSON merged into every request body.")
-    p.add_argument("--result-json", default=None, help="Also write the JSON summary here.")
+    p.add_argument("--result-json", default=None, help="Also write the JSON summaries here.")
     args = p.parse_args(argv)
-    summary = asyncio.run(run(args))
-    text = json.dumps(summary, indent=2)
+    serve_args = shlex.split(args.serve_args) if args.serve_args else None
+    if args.offline_only:
+        prompts = random_prompts(args.num_prompts, args.input_len, args.token_id_max, args.seed)
+        print(json.dumps(offline_throughput(serve_args or [], prompts, args.output_len)))
+        return 0
+    offline = _offline_in_child(args) if args.offline_ceiling and serve_args else None
+    server = LaunchedServer(serve_args) if serve_args else None
+    summaries = []
+    try:
+        if server is not None:
+            args.base_url = server.base_url
+        for rate in args.request_rates or [args.request_rate]:
+            args.request_rate = rate
+            summary = asyncio.run(run(args))
+            if offline is not None:
+                summary["offline"] = offline
+                summary["fraction_of_offline"] = (summary["output_throughput"]
+                                                  / offline["output_throughput"])
+            summaries.append(summary)
+    finally:
+        exit_status = server.stop() if server is not None else None
+    text = json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2)
     print(text)
     if args.result_json:
         with open(args.result_json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     print()
+    if offline is not None:
+        print(f"offline ceiling: {offline['output_throughput']:.1f} out tok/s "
+              f"({offline['request_throughput']:.2f} req/s)")
+    if exit_status is not None:
+        print(f"server exit status after SIGTERM: {exit_status}")
     print(MARKDOWN_HEADER)
-    print(markdown_row(summary))
-    return 0 if summary["failed"] == 0 else 1
+    for summary in summaries:
+        print(markdown_row(summary))
+    return 0 if all(s["failed"] == 0 for s in summaries) else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Engine flags are not written here: they are generated from the fields of
 ``EngineArgs`` (and the server's from ``ServerArgs``), with vLLM's spelling
 (``max_model_len`` -> ``--max-model-len``), the dataclass default, booleans as
-``--flag/--no-flag``, and the field's docstring as help. Adding an engine
+``--flag/--no-flag``, the field's docstring as help and ``metadata["choices"]``
+as the allowed values. Adding an engine
 option to ``EngineArgs`` adds the flag to every subcommand that builds an engine.
 """
 
@@ -78,6 +79,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *,
         help_text = docs.get(f.name, f"{cls.__name__}.{f.name}")
         base, optional = _unwrap_optional(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in _MULTI_NAME_FIELDS:

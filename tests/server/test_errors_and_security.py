@@ -102,6 +102,8 @@ COMPLETION_CASES: list[tuple[str, Any, int, Any]] = [
     ("suffix", {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ("response-format", {"prompt": "hi", "response_format": {"type": "json_object"}}, 400,
      "response_format"),
+    ("prompt-logprobs-stream", {"prompt": "hi", "stream": True, "prompt_logprobs": 1}, 400,
+     "prompt_logprobs"),
     ("unknown-model", {"prompt": "hi", "model": "gpt-17"}, 404, "model"),
     ("stream-bad-input", {"prompt": "hi", "stream": True, "logprobs": 100}, 400, "logprobs"),
 ]

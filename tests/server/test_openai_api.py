@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import httpx
@@ -188,6 +189,18 @@ def test_completion_logprobs(client, offline):
                                   logprobs=0)
     assert "".join(r.choices[0].logprobs.tokens) == r.choices[0].text
     assert all(len(t) == 1 for t in r.choices[0].logprobs.top_logprobs)
+
+
+def test_prompt_logprobs(client, offline):
+    ref = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=2,
+                                                      prompt_logprobs=1), use_tqdm=False)[0]
+    r = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 1})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(got) == len(ref.prompt_token_ids) and got[0] is None
+    for position, token in enumerate(ref.prompt_token_ids[1:], start=1):
+        expected = ref.prompt_logprobs[position][token].logprob
+        assert got[position][str(token)]["logprob"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_completion_echo(client, offline, greedy_texts):
@@ -431,6 +444,26 @@ def _wait_idle(url: str, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_serving_benchmark_smoke(server, tmp_path):
+    """benchmarks/serving.py against this server: every request completes, figures are sane."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "serving.py"
+    spec = importlib.util.spec_from_file_location("serving_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    code = bench.main(["--base-url", server.base_url, "--model", NAME, "--num-prompts", "12",
+                       "--input-len", "16", "--output-len", "6", "--token-id-max", "400",
+                       "--request-rate", "50", "--result-json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["completed"] == 12 and result["failed"] == 0
+    assert result["output_throughput"] > 0 and result["ttft_ms"]["p50"] > 0
+    assert result["tpot_ms"]["p99"] >= result["tpot_ms"]["p50"] > 0
 
 
 # ---------------------------------------------------------------------------- LangChain

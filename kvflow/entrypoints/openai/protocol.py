@@ -104,7 +104,9 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
     allowed_token_ids: Optional[list[int]] = None
-    prompt_logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0)
+    """vLLM's extension: logprobs of the prompt's tokens (and this many alternatives),
+    returned as ``prompt_logprobs``; not with ``stream``."""
     return_tokens_as_token_ids: Optional[bool] = None
     """Report logprob tokens as ``token_id:<id>``, for tokens that are not valid UTF-8 alone."""
     return_token_ids: Optional[bool] = None
@@ -131,6 +133,18 @@ class CompletionRequest(SamplingFields):
     """Whether string prompts get the tokenizer's BOS and friends."""
 
 
+class PromptLogprob(ResponseModel):
+    """One entry of vLLM's ``prompt_logprobs``: a candidate token at a prompt position."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+PromptLogprobs = list[Optional[dict[int, PromptLogprob]]]
+"""Per prompt position (None for the first), token id -> its logprob there."""
+
+
 class CompletionLogProbs(ResponseModel):
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[Optional[float]] = Field(default_factory=list)
@@ -146,6 +160,7 @@ class CompletionResponseChoice(ResponseModel):
     stop_reason: Union[None, int, str] = None
     prompt_token_ids: Optional[list[int]] = _extension()
     token_ids: Optional[list[int]] = _extension()
+    prompt_logprobs: Optional[PromptLogprobs] = _extension()
 
 
 class CompletionResponse(ResponseModel):
@@ -240,6 +255,7 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     prompt_token_ids: Optional[list[int]] = _extension()
+    prompt_logprobs: Optional[PromptLogprobs] = _extension()
 
 
 class DeltaMessage(ResponseModel):

@@ -80,7 +80,8 @@ class ServerArgs:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
-    uvicorn_log_level: str = "info"
+    uvicorn_log_level: str = field(default="info", metadata={
+        "choices": ["critical", "error", "warning", "info", "debug", "trace"]})
     disable_uvicorn_access_log: bool = False
     max_request_body_bytes: int = 32 * 1024 * 1024
     """Bodies over this many bytes get a 413 before they are parsed."""

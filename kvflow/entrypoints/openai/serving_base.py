@@ -30,7 +30,11 @@ from fastapi import Request
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.openai.errors import APIError, from_value_error
 from kvflow.entrypoints.openai.metrics import ServerMetrics
-from kvflow.entrypoints.openai.protocol import SamplingFields
+from kvflow.entrypoints.openai.protocol import (
+    PromptLogprob,
+    PromptLogprobs,
+    SamplingFields,
+)
 from kvflow.outputs import Logprob, RequestOutput
 from kvflow.sampling_params import SamplingParams
 
@@ -179,6 +183,9 @@ class OpenAIServing:
                            "supported by kvflow yet; use 'text'.", 400, "response_format")
         if request.stop_token_ids:
             self.check_token_ids(request.stop_token_ids, "stop_token_ids")
+        if request.prompt_logprobs is not None and request.stream:
+            raise APIError("prompt_logprobs is not available with stream=true.", 400,
+                           "prompt_logprobs")
 
     def sampling_params(self, request: SamplingFields, *, max_tokens: int,
                         logprobs: Optional[int], prompt_logprobs: Optional[int],
@@ -326,6 +333,18 @@ class OpenAIServing:
                     state.num_prompt_tokens, state.num_output_tokens, latency, ttft)
 
     # ------------------------------------------------------------------ logprobs
+    @staticmethod
+    def prompt_logprobs(entries: Optional[list[Optional[dict[int, Logprob]]]],
+                        num_prompt_tokens: int) -> PromptLogprobs:
+        """vLLM's ``prompt_logprobs`` field: one entry per prompt token, None for the first."""
+        out: PromptLogprobs = []
+        for entry in list(entries or [])[:num_prompt_tokens]:
+            out.append(None if entry is None else {
+                tid: PromptLogprob(logprob=clamp_logprob(lp.logprob), rank=lp.rank,
+                                   decoded_token=lp.decoded_token)
+                for tid, lp in entry.items()})
+        return out
+
     def token_text(self, token_id: int, logprob: Optional[Logprob], as_ids: bool) -> str:
         if as_ids:
             return f"token_id:{token_id}"

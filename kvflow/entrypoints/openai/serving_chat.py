@@ -208,6 +208,8 @@ class OpenAIServingChat(OpenAIServing):
             usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
                             total_tokens=num_prompt + num_generated),
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None)
+        if request.prompt_logprobs is not None:
+            response.prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs, num_prompt)
         return JSONResponse(response.model_dump())
 
     # ------------------------------------------------------------------ streaming

@@ -119,6 +119,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.return_token_ids:
                     choice.prompt_token_ids = prompt.token_ids
                     choice.token_ids = list(comp.token_ids)
+                if request.prompt_logprobs is not None:
+                    choice.prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs,
+                                                                  len(prompt.token_ids))
                 choices.append(choice)
         num_prompt = sum(len(p.token_ids) for p in prompts)
         response = CompletionResponse(
