@@ -426,9 +426,11 @@ def test_disconnect_aborts_non_streaming_request(server):
                    and 'finished_reason="abort"' in k)
 
     before = aborted()
-    body = {"model": NAME, "prompt": "A long story:", "max_tokens": 480, "ignore_eos": True}
+    # 32 samples of 480 tokens: seconds of work, so the client surely leaves first.
+    body = {"model": NAME, "prompt": "A long story:", "max_tokens": 480, "ignore_eos": True,
+            "n": 32, "temperature": 1.0}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/completions", json=body, timeout=0.5)
+        httpx.post(server.base_url + "/completions", json=body, timeout=0.3)
     assert _wait_idle(server.url, timeout=5.0)
     assert aborted() == before + 1
 

@@ -115,6 +115,7 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.trust_request_chat_template = trust_request_chat_template
         self.tokenizer = async_llm.get_tokenizer()
+        self._background: set[asyncio.Future] = set()
         model_config = async_llm.model_config
         self.max_model_len: int = model_config.max_model_len
         self.vocab_size: int = model_config.vocab_size
@@ -309,28 +310,39 @@ class OpenAIServing:
             for prompt, state in zip(prompts, progress):
                 if not state.finished and not state.failed:
                     state.finished = True
-                    asyncio.ensure_future(self.async_llm.abort(prompt.request_id))
-                    self._record_finished(prompt.request_id, state, None)
+                    self._spawn(self.async_llm.abort(prompt.request_id))
+                    self._record_finished(prompt.request_id, state, None, arrival_time)
+
+    def _spawn(self, coro: Any) -> None:
+        """Runs ``coro`` as a task the event loop keeps a reference to until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _record_finished(self, request_id: str, state: _Progress,
-                         out: Optional[RequestOutput]) -> None:
-        """One log line and the latency metrics of an engine request that ended."""
-        metrics = out.metrics if out is not None else None
-        reasons = sorted({c.finish_reason or "abort" for c in out.outputs}) if out else ["abort"]
-        reason = reasons[0] if len(reasons) == 1 else ",".join(reasons)
-        self.metrics.observe_finished(metrics, state.num_prompt_tokens, state.num_output_tokens,
-                                      reason if out is not None else "abort")
+                         out: Optional[RequestOutput], arrival_time: float = 0.0) -> None:
+        """One log line and the latency metrics of an engine request that ended.
+
+        ``out`` is its final output, or None when the server gave up on it (the
+        client left): then it counts as aborted, timed from ``arrival_time``.
+        """
         now = time.monotonic()
-        if metrics is not None:
-            latency = (metrics.finished_time or now) - metrics.arrival_time
-            ttft = (f"{metrics.first_token_time - metrics.arrival_time:.3f}s"
-                    if metrics.first_token_time is not None else "-")
+        metrics = out.metrics if out is not None else None
+        if out is not None:
+            reason = ",".join(sorted({c.finish_reason or "abort" for c in out.outputs}))
+            outcome = f"finished ({reason or 'abort'})"
         else:
-            latency, ttft = float("nan"), "-"
+            reason, outcome = "abort", "aborted (client gone)"
+        self.metrics.observe_finished(metrics, state.num_prompt_tokens, state.num_output_tokens,
+                                      reason or "abort")
+        start = metrics.arrival_time if metrics is not None else arrival_time
+        end = metrics.finished_time if metrics is not None and metrics.finished_time else now
+        ttft = "-"
+        if metrics is not None and metrics.first_token_time is not None:
+            ttft = f"{metrics.first_token_time - metrics.arrival_time:.3f}s"
         logger.info("request %s %s: prompt_tokens=%d output_tokens=%d latency=%.3fs ttft=%s",
-                    request_id, "finished (" + reason + ")" if out is not None
-                    else "aborted (client gone or shutdown)",
-                    state.num_prompt_tokens, state.num_output_tokens, latency, ttft)
+                    request_id, outcome, state.num_prompt_tokens, state.num_output_tokens,
+                    end - start, ttft)
 
     # ------------------------------------------------------------------ logprobs
     @staticmethod

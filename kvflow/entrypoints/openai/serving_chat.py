@@ -14,7 +14,7 @@ import time
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.llm import apply_chat_template
@@ -179,7 +179,7 @@ class OpenAIServingChat(OpenAIServing):
 
     # ------------------------------------------------------------------ whole response
     async def _full(self, request: ChatCompletionRequest, prompt: EnginePrompt, model: str,
-                    request_id: str, arrival: float, echo: str) -> JSONResponse:
+                    request_id: str, arrival: float, echo: str) -> Response:
         final: Optional[RequestOutput] = None
         try:
             async for _, out in self.run_requests([prompt], RequestOutputKind.FINAL_ONLY,
@@ -210,7 +210,7 @@ class OpenAIServingChat(OpenAIServing):
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None)
         if request.prompt_logprobs is not None:
             response.prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs, num_prompt)
-        return JSONResponse(response.model_dump())
+        return Response(response.model_dump_json(), media_type="application/json")
 
     # ------------------------------------------------------------------ streaming
     async def _stream(self, request: ChatCompletionRequest, raw: Request, prompt: EnginePrompt,

@@ -12,7 +12,7 @@ import time
 from typing import Any, AsyncGenerator, AsyncIterator, Optional, Union
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.openai.errors import APIError, error_body, from_value_error
@@ -92,7 +92,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # ------------------------------------------------------------------ whole response
     async def _full(self, request: CompletionRequest, prompts: list[EnginePrompt], model: str,
-                    request_id: str, arrival: float) -> JSONResponse:
+                    request_id: str, arrival: float) -> Response:
         finals: dict[int, RequestOutput] = {}
         try:
             async for index, out in self.run_requests(prompts, RequestOutputKind.FINAL_ONLY,
@@ -128,7 +128,7 @@ class OpenAIServingCompletion(OpenAIServing):
             id=request_id, model=model, choices=choices,
             usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
                             total_tokens=num_prompt + num_generated))
-        return JSONResponse(response.model_dump())
+        return Response(response.model_dump_json(), media_type="application/json")
 
     def _logprobs(self, request: CompletionRequest, prompt: EnginePrompt,
                   out: RequestOutput, comp: CompletionOutput, *, echo: bool,
