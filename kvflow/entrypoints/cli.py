@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import json
 import logging
 import sys
 import textwrap
@@ -129,8 +130,8 @@ def _serve(ns: argparse.Namespace) -> int:
 
     model = _resolve_model(ns)
     load_chat_template(ns.chat_template)  # fail before loading the model, not after
-    server_values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerArgs)
-                     if hasattr(ns, f.name)}
+    server_values = {f.name: _json_list(getattr(ns, f.name))
+                     for f in dataclasses.fields(ServerArgs) if hasattr(ns, f.name)}
     names = ns.served_model_name or [_default_served_name(ns, model)]
     server_args = ServerArgs(**server_values, served_model_names=list(names))
     engine_args = engine_args_from(ns, model)
@@ -138,6 +139,19 @@ def _serve(ns: argparse.Namespace) -> int:
     async_llm = AsyncLLM.from_engine_args(engine_args)
     run_server(async_llm, server_args)
     return 0
+
+
+def _json_list(value: Any) -> Any:
+    """vLLM takes list flags as one JSON string (``--allowed-origins '["http://a"]'``);
+    kvflow also takes them as separate words. Both give the same list."""
+    if isinstance(value, list) and len(value) == 1 and value[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(value[0])
+        except json.JSONDecodeError:
+            raise ValueError(f"{value[0]!r} is not a JSON list.") from None
+        if isinstance(parsed, list):
+            return [str(v) for v in parsed]
+    return value
 
 
 def _default_served_name(ns: argparse.Namespace, model: str) -> str:

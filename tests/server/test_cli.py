@@ -70,6 +70,13 @@ def test_vllm_flag_names_and_defaults():
     assert {"host", "port", "api_key", "chat_template", "allowed_origins"} <= server_fields
 
 
+def test_list_flags_take_vllm_json_form():
+    assert cli._json_list(['["http://a", "http://b"]']) == ["http://a", "http://b"]
+    assert cli._json_list(["http://a", "http://b"]) == ["http://a", "http://b"]
+    with pytest.raises(ValueError, match="not a JSON list"):
+        cli._json_list(["[oops"])
+
+
 def test_no_model_means_the_builtin_default(monkeypatch):
     monkeypatch.setattr("kvflow.models.gguf.default_model_path", lambda: "/models/default.gguf")
     ns = cli.build_parser().parse_args(["serve"])

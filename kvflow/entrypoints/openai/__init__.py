@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server behind ``kvflow serve`` (see server.py)."""

@@ -69,6 +69,7 @@ class ServerArgs:
     host: Optional[str] = None
     """Address to bind; None binds every interface, as vLLM does."""
     port: int = 8000
+    """TCP port to listen on."""
     api_key: Optional[str] = None
     """Require ``Authorization: Bearer <key>``; $KVFLOW_API_KEY is read when unset."""
     chat_template: Optional[str] = None
@@ -78,11 +79,16 @@ class ServerArgs:
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     """CORS origins allowed to call the API."""
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    """CORS methods allowed."""
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    """CORS request headers allowed."""
     allow_credentials: bool = False
+    """Whether CORS requests may carry cookies and auth headers."""
     uvicorn_log_level: str = field(default="info", metadata={
         "choices": ["critical", "error", "warning", "info", "debug", "trace"]})
+    """Log level of uvicorn's own loggers."""
     disable_uvicorn_access_log: bool = False
+    """Drop uvicorn's line per HTTP request (kvflow still logs each finished request)."""
     max_request_body_bytes: int = 32 * 1024 * 1024
     """Bodies over this many bytes get a 413 before they are parsed."""
     timeout_keep_alive: int = 5
