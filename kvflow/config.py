@@ -317,7 +317,9 @@ class EngineArgs:
                     f"tensor_parallel_size={tp} does not divide the model's "
                     f"{desc.num_heads} attention heads. Choose a divisor of {desc.num_heads}."
                 )
-            if device.type == "cuda" and tp > torch.cuda.device_count():
+            # Ray places ranks on other machines too; only local placement is bounded here.
+            if (device.type == "cuda" and tp > torch.cuda.device_count()
+                    and self.distributed_executor_backend != "ray"):
                 raise ValueError(
                     f"tensor_parallel_size={tp} exceeds the {torch.cuda.device_count()} "
                     "visible GPUs. Lower tensor_parallel_size or expose more GPUs."
@@ -327,10 +329,16 @@ class EngineArgs:
             distributed_executor_backend=self.distributed_executor_backend,
         )
         backend = self.attention_backend
+        head_ok = desc.head_dim >= 16 and desc.head_dim & (desc.head_dim - 1) == 0
         if backend == "auto":
-            backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
+            # The Triton kernels tile the head dimension by powers of two; others use torch.
+            backend = ("triton" if device.type == "cuda" and _triton_available() and head_ok
+                       else "torch")
         if backend == "triton" and device.type != "cuda":
             raise ValueError("attention_backend='triton' needs a CUDA device; use 'torch' on CPU.")
+        if backend == "triton" and not head_ok:
+            raise ValueError(f"attention_backend='triton' needs a power-of-two head size >= 16; "
+                             f"this model's is {desc.head_dim}. Use attention_backend='torch'.")
         device_config = DeviceConfig(
             device=device, attention_backend=backend, enforce_eager=self.enforce_eager
         )

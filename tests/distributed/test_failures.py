@@ -52,7 +52,7 @@ def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
 
 
 def test_killed_worker_stops_engine_naming_rank(checkpoint):
-    llm = LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2)
+    llm = LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2, device="cpu")
     engine = llm.llm_engine
     pids = engine.executor.worker_pids
     params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -75,7 +75,7 @@ def test_killed_worker_stops_engine_naming_rank(checkpoint):
 
 
 def test_worker_exception_stops_engine_with_its_traceback(checkpoint):
-    llm = LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2)
+    llm = LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2, device="cpu")
     executor = llm.llm_engine.executor
     # A step for a request no worker knows: every rank raises KeyError before any collective.
     bogus = SchedulerOutput(scheduled_new_reqs=[], scheduled_cached_reqs=[],
@@ -98,7 +98,7 @@ def test_worker_startup_failure_names_rank(tmp_path, checkpoint):
         if not name.endswith(".safetensors"):
             os.link(os.path.join(src, name), tmp_path / name)
     with pytest.raises(RuntimeError, match=r"(?s)rank \d .*during startup.*No weights"):
-        LLM(str(tmp_path), max_model_len=128, tensor_parallel_size=2)
+        LLM(str(tmp_path), max_model_len=128, tensor_parallel_size=2, device="cpu")
     assert _wait_gone(list(_children())) == []
 
 
@@ -112,7 +112,7 @@ def test_unseeded_sampling_matches_tp1_then_garbage_collection_leaves_no_process
     fixture).
     """
     path = checkpoint("llama")
-    tp2 = LLM(path, max_model_len=128, tensor_parallel_size=2, seed=3)
+    tp2 = LLM(path, max_model_len=128, tensor_parallel_size=2, device="cpu", seed=3)
     pids = tp2.llm_engine.executor.worker_pids
     assert all(is_running(p) for p in pids)
     params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
@@ -129,7 +129,7 @@ def test_interpreter_exit_leaves_no_process(checkpoint):
     script = textwrap.dedent(f"""
         from kvflow import LLM, SamplingParams
         if __name__ == "__main__":
-            llm = LLM({checkpoint("llama")!r}, max_model_len=128, tensor_parallel_size=2)
+            llm = LLM({checkpoint("llama")!r}, max_model_len=128, tensor_parallel_size=2, device="cpu")
             llm.generate({{"prompt_token_ids": [1, 5, 6]}}, SamplingParams(max_tokens=2),
                          use_tqdm=False)
             print("PIDS", *llm.llm_engine.executor.worker_pids, flush=True)
@@ -163,7 +163,7 @@ def test_tp_not_dividing_heads_fails_before_any_process(checkpoint):
     path = checkpoint("llama")
     before = _children()
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's 4"):
-        LLM(path, max_model_len=128, tensor_parallel_size=3)
+        LLM(path, max_model_len=128, tensor_parallel_size=3, device="cpu")
     assert _children() == before
 
 
@@ -171,7 +171,7 @@ def test_tp_not_dividing_kv_heads_fails_before_any_process(checkpoint):
     path = checkpoint("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
     before = _children()
     with pytest.raises(ValueError, match="tensor_parallel_size=2 does not divide the model's 3 KV"):
-        LLM(path, max_model_len=128, tensor_parallel_size=2)
+        LLM(path, max_model_len=128, tensor_parallel_size=2, device="cpu")
     assert _children() == before
 
 
@@ -189,5 +189,5 @@ def test_tp_beyond_visible_gpus(checkpoint, monkeypatch):
 def test_ray_backend_without_ray_says_how_to_install(checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(ImportError, match=r"kvflow\[ray\]"):
-        LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2,
+        LLM(checkpoint("llama"), max_model_len=128, tensor_parallel_size=2, device="cpu",
             distributed_executor_backend="ray")

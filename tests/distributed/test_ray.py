@@ -23,7 +23,7 @@ def test_ray_tp2_matches_transformers_then_fails_cleanly(checkpoint):
     path = checkpoint("qwen3")
     expected = tiny_models.hf_greedy(path, prompts(), NEW_TOKENS)
     assert not ray.is_initialized()
-    llm = LLM(path, max_model_len=128, tensor_parallel_size=2,
+    llm = LLM(path, max_model_len=128, tensor_parallel_size=2, device="cpu",
               distributed_executor_backend="ray")
     engine = llm.llm_engine
     executor = engine.executor

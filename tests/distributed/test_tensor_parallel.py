@@ -33,7 +33,7 @@ def engines(checkpoint):
             path = checkpoint(family, **overrides)
             expected = tiny_models.hf_greedy(path, prompts(), NEW_TOKENS)
             tp1 = LLM(path, max_model_len=128)
-            tp2 = LLM(path, max_model_len=128, tensor_parallel_size=2)
+            tp2 = LLM(path, max_model_len=128, tensor_parallel_size=2, device="cpu")
             made[case] = (tp1, tp2, expected)
         return made[case]
 

@@ -112,7 +112,7 @@ def test_tensor_parallel_greedy_matches_transformers(variant, references):
     the RW style (biases, sequential) reduces each, and splits its ALiBi slopes by rank."""
     pytest.importorskip("kvflow.executor.multiproc")
     path, prompts, expected = references(variant)
-    llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2)
+    llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2, device="cpu")
     try:
         assert _greedy(llm, prompts) == expected
     finally:

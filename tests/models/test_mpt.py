@@ -122,7 +122,7 @@ def test_tensor_parallel_greedy_matches_transformers(references):
     """tp=2 over CPU processes: 3 heads a rank, each with its own slice of the 6 slopes."""
     pytest.importorskip("kvflow.executor.multiproc")
     path, prompts, expected = references("heads6")
-    llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2)
+    llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2, device="cpu")
     try:
         assert _greedy(llm, prompts) == expected
     finally:
