@@ -13,6 +13,7 @@ Response models are plain; ``exclude_unset`` dumps leave out what was not set.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -35,9 +36,15 @@ class ResponseModel(BaseModel):
     """Base of response bodies (and stream chunks)."""
 
 
+_HAS_EXCLUDE_IF = "exclude_if" in inspect.signature(Field).parameters
+"""pydantic >= 2.12; older versions show unset extension fields as null, which is harmless."""
+
+
 def _extension() -> Any:
     """A field of a vLLM extension: absent from the JSON unless it has a value."""
-    return Field(default=None, exclude_if=lambda v: v is None)
+    if _HAS_EXCLUDE_IF:
+        return Field(default=None, exclude_if=lambda v: v is None)
+    return Field(default=None)
 
 
 # ---------------------------------------------------------------------------- errors
