@@ -16,7 +16,7 @@ import tiny_models
 from kvflow import LLM, SamplingParams
 from tp_helpers import NEW_TOKENS, greedy, is_running, prompts
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402  (a test dependency: kvflow[test] installs it)
 
 
 def test_ray_tp2_matches_transformers_then_fails_cleanly(checkpoint):

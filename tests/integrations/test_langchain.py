@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("langchain_core")
+import langchain_core  # noqa: E402,F401
 
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 import tiny_models
 from kvflow import LLM, SamplingParams
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoTokenizer, FalconConfig  # noqa: E402
 
@@ -110,7 +110,6 @@ def test_greedy_under_preemption_and_chunking(variant, references):
 def test_tensor_parallel_greedy_matches_transformers(variant, references):
     """tp=2 over CPU processes: the 40B style sums attention and MLP before one all-reduce;
     the RW style (biases, sequential) reduces each, and splits its ALiBi slopes by rank."""
-    pytest.importorskip("kvflow.executor.multiproc")
     path, prompts, expected = references(variant)
     llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2, device="cpu")
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import tiny_models
 from kvflow import LLM, SamplingParams
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoTokenizer, MptConfig  # noqa: E402
 
@@ -120,7 +120,6 @@ def test_greedy_under_preemption_and_chunking(references):
 
 def test_tensor_parallel_greedy_matches_transformers(references):
     """tp=2 over CPU processes: 3 heads a rank, each with its own slice of the 6 slopes."""
-    pytest.importorskip("kvflow.executor.multiproc")
     path, prompts, expected = references("heads6")
     llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2, device="cpu")
     try:

@@ -472,7 +472,7 @@ def test_serving_benchmark_smoke(server, tmp_path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # langchain-community's own
 def test_langchain_vllm_openai(server):
     """The seed's code, unchanged but for the URL and the model name."""
-    llms = pytest.importorskip("langchain_community.llms")
+    import langchain_community.llms as llms
     llm = llms.VLLMOpenAI(
         openai_api_key="EMPTY",
         openai_api_base=server.base_url,
@@ -487,7 +487,7 @@ def test_langchain_vllm_openai(server):
 
 
 def test_langchain_chat_openai(server, chat_reference):
-    lc_openai = pytest.importorskip("langchain_openai")
+    import langchain_openai as lc_openai
     from langchain_core.messages import HumanMessage, SystemMessage
 
     chat = lc_openai.ChatOpenAI(model=NAME, base_url=server.base_url, api_key="EMPTY",
