@@ -131,6 +131,7 @@ class LLMEngine:
         if params.bad_words:
             raise ValueError("bad_words is not supported by kvflow yet; use logit_bias instead.")
         for field_name, tokens in (("allowed_token_ids", params.allowed_token_ids),
+                                   ("stop_token_ids", params.stop_token_ids),
                                    ("logit_bias", list(params.logit_bias or {}))):
             out = [t for t in tokens or [] if not 0 <= int(t) < vocab]
             if out:

@@ -74,6 +74,9 @@ def test_token_ids_outside_vocab(llm):
         llm.generate({"prompt_token_ids": [1, 10**6]}, use_tqdm=False)
     with pytest.raises(ValueError, match=r"outside"):
         llm.generate({"prompt_token_ids": [1, -3]}, use_tqdm=False)
+    # An out-of-vocabulary stop id would fail the whole batch's step under min_tokens.
+    with pytest.raises(ValueError, match=r"stop_token_ids.*outside"):
+        llm.generate("Hi", SamplingParams(stop_token_ids=[10**6], min_tokens=2), use_tqdm=False)
     _assert_engine_clean_and_serving(llm)
 
 
