@@ -37,22 +37,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_suite import SHAPES as _SUITE_SHAPES  # noqa: E402  (one definition of the shapes)
+
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
-                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16",
-                      bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False),
-    "llama2-7b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
-                      intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, torch_dtype="float16",
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
-    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=128,
-                 intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048,
-                 rms_norm_eps=1e-5, rope_theta=10000.0, torch_dtype="bfloat16",
-                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    "llama3-8b": _SUITE_SHAPES["llama3-8b"],
+    "llama2-7b": dict(_SUITE_SHAPES["llama3-8b"], intermediate_size=11008, num_key_value_heads=32,
+                      vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+                      torch_dtype="float16", bos_token_id=1, eos_token_id=2),
+    "tiny": dict(_SUITE_SHAPES["llama3-8b"], hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1000, max_position_embeddings=2048, rope_theta=10000.0,
+                 bos_token_id=1, eos_token_id=2),
 }
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
