@@ -40,6 +40,13 @@ SHAPES = {
                        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645,
                        tie_word_embeddings=True),
+    # mosaicml's original remote-code layout (ALiBi, no biases), as the seed's mpt-7b ships.
+    "mpt-7b": dict(architectures=["MPTForCausalLM"], model_type="mpt", d_model=4096, n_heads=32,
+                   n_layers=32, expansion_ratio=4, max_seq_len=2048, vocab_size=50432,
+                   no_bias=True, norm_type="low_precision_layernorm", torch_dtype="bfloat16",
+                   attn_config={"alibi": True, "alibi_bias_max": 8, "attn_type":
+                                "multihead_attention", "clip_qkv": None, "qk_ln": False},
+                   tie_word_embeddings=True),
 }
 
 ROWS: list[tuple[str, str, str, str]] = []
@@ -84,12 +91,10 @@ def ceilings() -> tuple[float, float]:
     return bw, flops
 
 
-def weight_bytes(cfg: dict) -> int:
-    h, i, n, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    hd = cfg.get("head_dim", h // cfg["num_attention_heads"])
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
-    return 2 * (n * per_layer + v * h * (1 if cfg["tie_word_embeddings"] else 2))
+def weight_bytes(llm) -> int:
+    """Bytes of weights one decode step reads (every parameter once; tied ones once)."""
+    model = llm.llm_engine.executor.worker.model
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def kvflow_llm(model_dir: str, **kw):
@@ -128,7 +133,7 @@ def l1(model_dir: str, cfg: dict, bw: float, quick: bool) -> None:
     tt, tt_min, tt_max = median_of(ttft)
     tot, tot_min, tot_max = median_of(total)
     tpot = (tot - tt) / 127
-    limit = bw / weight_bytes(cfg)
+    limit = bw / weight_bytes(llm)
     row("L1", "kvflow", "TTFT ms", f"{tt * 1e3:.1f} (min {tt_min * 1e3:.1f}, max {tt_max * 1e3:.1f})")
     row("L1", "kvflow", "TPOT ms", f"{tpot * 1e3:.2f}")
     row("L1", "kvflow", "out tok/s", f"{1 / tpot:.1f} ({100 / tpot / limit:.0f}% of the "
