@@ -5,9 +5,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-echo "=== ALiBi kernels vs reference on GPU"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels -k "alibi or ALiBi" 2>&1 | tee "$OUT/alibi.txt" | tail -4
+
+
 echo "=== MPT-7B shape: kvflow L1/T1, HF eager L1"
 timeout 330 python3 benchmarks/gpu_suite.py --quick --shape mpt-7b --skip T1hf 2>&1 | tee "$OUT/mpt.txt" | tail -14
-echo "=== Llama-3-8B L1/T1 again on this card"
-timeout 100 python3 benchmarks/gpu_suite.py --quick --skip L1hf,T1hf 2>&1 | tail -9
+
+

@@ -50,6 +50,7 @@ SHAPES = {
 }
 
 ROWS: list[tuple[str, str, str, str]] = []
+TOKEN_ID_MAX = 100000  # prompt ids are drawn below this; main() caps it by the vocabulary
 
 
 def row(workload: str, engine: str, metric: str, value: str) -> None:
@@ -109,7 +110,7 @@ def l1(model_dir: str, cfg: dict, bw: float, quick: bool) -> None:
 
     llm = kvflow_llm(model_dir, max_model_len=2048, max_num_seqs=8)
     rng = random.Random(0)
-    prompt = [rng.randrange(1000, 100000) for _ in range(512)]
+    prompt = [rng.randrange(1000, TOKEN_ID_MAX) for _ in range(512)]
     p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
     p128 = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, detokenize=False)
     engine = llm.llm_engine
@@ -155,7 +156,7 @@ def hf_model(model_dir: str):
 def l1_hf(model_dir: str) -> None:
     model = hf_model(model_dir)
     rng = random.Random(0)
-    x = torch.tensor([[rng.randrange(1000, 100000) for _ in range(512)]], device="cuda")
+    x = torch.tensor([[rng.randrange(1000, TOKEN_ID_MAX) for _ in range(512)]], device="cuda")
 
     def run(n: int) -> float:
         torch.cuda.synchronize()
@@ -180,7 +181,7 @@ def t1_requests(n: int = 128, out_len: int = 256) -> list[list[int]]:
     random.seed(0)
     lens = [random.randint(100, 1024) for _ in range(n)]
     rng = random.Random(1)
-    return [[rng.randrange(1000, 100000) for _ in range(L)] for L in lens]
+    return [[rng.randrange(1000, TOKEN_ID_MAX) for _ in range(L)] for L in lens]
 
 
 def t1(model_dir: str, quick: bool) -> float:
@@ -241,6 +242,8 @@ def main() -> int:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     cfg = SHAPES[args.shape]
+    global TOKEN_ID_MAX
+    TOKEN_ID_MAX = min(TOKEN_ID_MAX, cfg["vocab_size"])
     model_dir = tempfile.mkdtemp(prefix="kvflow-bench-")
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
