@@ -142,6 +142,22 @@ def test_awq_snippet_options_reach_the_engine(model_path):
              vllm_kwargs={"quantization": "awq"})
 
 
+def test_awq_seed_snippet_runs(model_path, tmp_path):
+    """The seed's AWQ line, on a tiny checkpoint packed in AutoAWQ's GEMM layout."""
+    from awq_checkpoints import write_awq_pair
+
+    from kvflow import LLM, SamplingParams
+
+    awq_dir = write_awq_pair(model_path, str(tmp_path), group_size=32).awq_dir
+    llm = VLLM(model=awq_dir, trust_remote_code=True, max_new_tokens=512,
+               vllm_kwargs={"quantization": "awq"})
+    assert isinstance(llm.invoke("What is the capital of France?", max_tokens=8), str)
+    greedy = llm.invoke("Hello world", temperature=0.0, max_tokens=8)
+    ref = LLM(awq_dir, quantization="awq").generate(
+        "Hello world", SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert greedy == ref[0].outputs[0].text
+
+
 def test_bad_options_are_clear_errors(model_path, greedy):
     with pytest.raises(ValueError, match="beam search"):
         VLLM(model=model_path, use_beam_search=True)
