@@ -173,7 +173,15 @@ def _generate(ns: argparse.Namespace) -> int:
     llm = LLM(**kwargs)
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature,
                             top_p=ns.top_p, seed=ns.sampling_seed)
-    outputs = llm.generate(list(ns.prompt), params, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    use_template = ns.chat_template_mode == "on" or (
+        ns.chat_template_mode == "auto" and getattr(tokenizer, "chat_template", None))
+    if use_template:
+        # An instruct model answers a prompt sent as a user turn; raw text it may just end.
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in ns.prompt], params,
+                           use_tqdm=False)
+    else:
+        outputs = llm.generate(list(ns.prompt), params, use_tqdm=False)
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
             print(f"--- [{i}] {out.prompt!r}")
@@ -244,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sampling-seed", type=int, default=None,
                      help="Seed of the sampling (--seed seeds the engine).")
+    gen.add_argument("--chat-template-mode", choices=["auto", "on", "off"], default="auto",
+                     help="Send each prompt as a user turn through the model's chat template: "
+                          "auto = when the tokenizer has one; off = raw completion.")
     add_dataclass_flags(gen, EngineArgs, title="engine")
     gen.set_defaults(func=_generate)
 

@@ -115,9 +115,26 @@ def test_generate_prints_greedy_text(tiny_model, offline):
     expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10),
                                 use_tqdm=False)[0].outputs[0].text
     r = _run("generate", PROMPT, "--model", tiny_model, "--max-tokens", "10",
-             "--temperature", "0", "--max-model-len", str(MAX_MODEL_LEN))
+             "--temperature", "0", "--max-model-len", str(MAX_MODEL_LEN),
+             "--chat-template-mode", "off")
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"
+    # By default a model with a chat template gets the prompt as a user turn.
+    expected_chat = offline.chat([{"role": "user", "content": PROMPT}],
+                                 SamplingParams(temperature=0, max_tokens=10),
+                                 use_tqdm=False)[0].outputs[0].text
+    r = _run("generate", PROMPT, "--model", tiny_model, "--max-tokens", "10",
+             "--temperature", "0", "--max-model-len", str(MAX_MODEL_LEN))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected_chat + "\n"
+
+
+def test_readme_main_command_answers_paris():
+    """The README's main job: the built-in default model, greedy, through its chat template."""
+    r = _run("generate", "What is the capital of France?", "--temperature", "0",
+             "--max-tokens", "30", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
 
 
 def _expected_chat(offline: LLM, max_tokens: int) -> list[str]:
