@@ -60,6 +60,8 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     """Requests that ended since the last step: workers drop their state."""
     preempted_req_ids: set[str] = field(default_factory=set)
+    """Requests preempted this step: workers drop their state but keep their generator,
+    so a seeded request draws the same samples whether or not it was preempted."""
 
     @property
     def is_empty(self) -> bool:
@@ -132,7 +134,7 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
-        if request.request_id in self._known_to_workers:
+        if request.request_id in self._known_to_workers or request.num_preemptions:
             self._finished_ids.add(request.request_id)
             self._known_to_workers.discard(request.request_id)
         self._last_sent_len.pop(request.request_id, None)
@@ -246,10 +248,9 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        # Workers forget it; it comes back as a new request with all its tokens.
-        if request.request_id in self._known_to_workers:
-            self._known_to_workers.discard(request.request_id)
-            self._finished_ids.add(request.request_id)
+        # Workers drop its batch state (keeping its sampling generator, see
+        # SchedulerOutput.preempted_req_ids); it comes back as a new request with all its tokens.
+        self._known_to_workers.discard(request.request_id)
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------ update

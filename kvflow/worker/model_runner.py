@@ -53,20 +53,24 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
+        self._paused_generators: dict[str, torch.Generator] = {}
         torch.manual_seed(seed)
 
     # ------------------------------------------------------------------ state
     def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.preempted_req_ids:
+            state = self.requests.pop(req_id, None)
+            if state is not None and state.generator is not None:
+                self._paused_generators[req_id] = state.generator
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
+            self._paused_generators.pop(req_id, None)
         for new in sched.scheduled_new_reqs:
-            generator = None
-            if new.sampling_params.seed is not None:
+            # A request back from preemption continues its seeded stream where it stopped.
+            generator = self._paused_generators.pop(new.req_id, None)
+            if generator is None and new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(new.sampling_params.seed)
-            old = self.requests.get(new.req_id)
-            if old is not None and old.generator is not None:
-                generator = old.generator  # keep the seeded stream across a preemption
             self.requests[new.req_id] = RequestState(
                 req_id=new.req_id, token_ids=list(new.all_token_ids),
                 num_prompt_tokens=new.num_prompt_tokens, params=new.sampling_params,

@@ -157,3 +157,17 @@ def test_sampler_top_p_min_p_distribution():
         counts[Sampler()(logits, [SamplingRow(p, [], [], gen)]).token_ids[0]] += 1
     assert counts[1:].tolist() == [counts[1].item(), 0, 0] and counts[1] > 0
     assert math.isclose(counts[0] / 400, 0.5 / 0.8, abs_tol=0.1)
+
+
+def test_seeded_sampling_survives_preemption(model_dir):
+    """A seeded request draws the same tokens whether or not the pool forced a preemption."""
+    prompts = [[1] + list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
+    params = [SamplingParams(temperature=1.0, seed=11 + i, max_tokens=40, ignore_eos=True)
+              for i in range(4)]
+    roomy = LLM(model_dir, max_model_len=128)
+    want = [o.outputs[0].token_ids for o in _gen(roomy, prompts, params)]
+    tight = LLM(model_dir, max_model_len=128, num_gpu_blocks_override=8)
+    got = [o.outputs[0].token_ids for o in _gen(tight, prompts, params)]
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert got == want
+    assert not tight.llm_engine.executor.worker.runner._paused_generators
