@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional, Union
 from kvflow.config import EngineArgs, EngineConfig
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler
-from kvflow.engine.output_processor import OutputProcessor, RequestOutputKind
+from kvflow.engine.output_processor import OutputProcessor, RequestOutputKind, child_request_id
 from kvflow.executor.base import create_executor
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
@@ -179,8 +179,6 @@ class LLMEngine:
             parent = self.output_processor.parents.get(rid)
             if parent is None:
                 continue
-            from kvflow.engine.output_processor import child_request_id
-
             cids = [child_request_id(rid, s.index) for s in parent.seqs]
             self.scheduler.finish_requests(cids, RequestStatus.FINISHED_ABORTED)
             out = self.output_processor.abort_request(rid)
