@@ -54,8 +54,11 @@ class LLMEngine:
         if not config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
         self.eos_token_ids = eos_token_ids(self.tokenizer, mc.model, mc.hf_config)
+        t0 = time.perf_counter()
         self.executor = create_executor(config)
+        t1 = time.perf_counter()
         available = self.executor.determine_num_blocks()
+        t2 = time.perf_counter()
         # No request can ever need more than max_model_len tokens' worth of blocks each.
         useful = sc.max_num_seqs * -(-sc.max_model_len // cc.block_size)
         num_blocks = min(available, useful) if cc.num_gpu_blocks_override is None else available
@@ -66,6 +69,10 @@ class LLMEngine:
                 "Lower max_model_len, or raise gpu_memory_utilization / num_gpu_blocks_override "
                 "(KVFLOW_CPU_KVCACHE_SPACE on CPU).")
         self.executor.init_cache(num_blocks)
+        t3 = time.perf_counter()
+        self.startup_seconds = {"load": t1 - t0, "profile": t2 - t1, "cache_and_graphs": t3 - t2}
+        logger.info("start-up: model load %.2f s, memory profile %.2f s, KV cache + CUDA graphs "
+                    "%.2f s", t1 - t0, t2 - t1, t3 - t2)
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks,
                     cc.block_size, num_blocks * cc.block_size, config.device_config.device)
