@@ -6,7 +6,7 @@ against 6.7 ms captured). The graphs are captured once at start-up for a set of
 padded batch sizes and replayed with the step's inputs copied into persistent
 buffers::
 
-    sizes 1 2 4 8 16 24 32 ... max_num_seqs        a batch of 13 decodes runs the 16-graph;
+    sizes 1 2 4 8 16 24 32 48 ... max_num_seqs     a batch of 13 decodes runs the 16-graph;
     rows 13..15 are padding: slot -1 (no KV write), seq_len 1, output ignored
 
 Only the Triton backend is captured: it reads lengths from device tensors and
@@ -26,9 +26,17 @@ from kvflow.models.base import CausalLM
 logger = logging.getLogger("kvflow")
 
 
+# Padded batch sizes with a graph. A decode step reads every weight once whatever its
+# batch, so padding up to the next size costs little; each size captured costs start-up
+# time (C1 in benchmarks/RESULTS.md), so the list thins out as batches grow.
+_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256)
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 8))
-    return [s for s in sizes if s <= max_num_seqs] or [1]
+    sizes = [s for s in _CAPTURE_SIZES if s <= max_num_seqs]
+    if not sizes or sizes[-1] < min(max_num_seqs, _CAPTURE_SIZES[-1]):
+        sizes.append(min(max_num_seqs, _CAPTURE_SIZES[-1]))
+    return sizes
 
 
 @dataclass
@@ -73,8 +81,7 @@ class CUDAGraphRunner:
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels)
-                    self.model(*args)
+                self.model(*args)  # warm up: Triton compiles, cuBLAS picks its kernels
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
