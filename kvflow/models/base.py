@@ -76,7 +76,9 @@ def load_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     ``stacked`` maps checkpoint sub-names to fused parameters: a tuple
     ("qkv_proj", "q_proj", "q") says ``...q_proj.weight`` goes into the "q"
     shard of ``...qkv_proj.weight``. ``rename`` maps a checkpoint name to the
-    parameter name (None skips it, e.g. rotary buffers).
+    parameter name (None skips it). Names that match no parameter are skipped: rotary
+    buffers, and a tied ``lm_head.weight`` (the head shares the embedding's parameter,
+    which ``named_parameters`` lists once, under the embedding's name).
     """
     params = dict(model.named_parameters())
     loaded: set[str] = set()

@@ -305,12 +305,5 @@ class FalconForCausalLM(CausalLM):
                 yield name.replace(".query_key_value.", f".query_key_value_{shard}."), part
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        tied = self.arch.tie_word_embeddings
-
-        def rename(name: str) -> Optional[str]:
-            if tied and name.startswith("lm_head."):
-                return None  # the embedding is the head
-            return name
-
         stacked = [("query_key_value", f"query_key_value_{s}", s) for s in "qkv"]
-        return load_by_name(self, self._split_fused(weights), stacked, rename)
+        return load_by_name(self, self._split_fused(weights), stacked)

@@ -229,16 +229,9 @@ class LlamaForCausalLM(CausalLM):
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        tied = self.arch.tie_word_embeddings
-
-        def rename(name: str) -> Optional[str]:
-            if "rotary_emb.inv_freq" in name:
-                return None
-            if tied and name.startswith("lm_head."):
-                return None  # the embedding is the head
-            return name
-
-        return load_by_name(self, weights, self.stacked_params, rename)
+        # A tied head's "lm_head.weight" and rotary buffers are no parameters here:
+        # load_by_name skips checkpoint names that match none.
+        return load_by_name(self, weights, self.stacked_params)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -275,12 +275,5 @@ class MptForCausalLM(CausalLM):
                 yield name.replace(".Wqkv.", f".Wqkv_{shard}."), part
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        tied = self.arch.tie_word_embeddings
-
-        def rename(name: str) -> Optional[str]:
-            if tied and name.startswith("lm_head."):
-                return None  # the embedding is the head
-            return name
-
         stacked = [("Wqkv", f"Wqkv_{s}", s) for s in "qkv"]
-        return load_by_name(self, self._split_wqkv(weights), stacked, rename)
+        return load_by_name(self, self._split_wqkv(weights), stacked)
