@@ -87,6 +87,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     """Token budget of one step (decodes count one each, prefill chunks their length)."""
     max_model_len: int = 2048
+    async_scheduling: bool = False
+    """Schedule step N+1 while the GPU runs step N (sampled ids one step late); see
+    engine/llm_engine.py. On by default with one worker in the engine's process."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str = "auto"
     cpu_kv_cache_space: Optional[float] = None
+    async_scheduling: Optional[bool] = None
+    """None: on for the in-process worker (tensor_parallel_size 1), off otherwise."""
     # Accepted for compatibility with vLLM scripts; they change nothing here.
     swap_space: float = 4
     enable_chunked_prefill: Optional[bool] = None
@@ -305,12 +310,16 @@ class EngineArgs:
         max_batched = self.max_num_batched_tokens
         if max_batched is None:
             max_batched = 8192 if device.type == "cuda" else 2048
+        tp = self.tensor_parallel_size
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = tp == 1 and self.distributed_executor_backend in (None, "uni")
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=max_batched,
             max_model_len=max_model_len,
+            async_scheduling=async_scheduling,
         )
-        tp = self.tensor_parallel_size
         if tp > 1:
             if desc.num_heads % tp != 0:
                 raise ValueError(

@@ -38,9 +38,18 @@ BlockHash = tuple[int, tuple[int, ...]]
 class Request:
     """One sequence to generate. ``n > 1`` is fanned out into one Request per sample.
 
-    ``num_computed_tokens`` counts tokens whose K/V sit in the cache; the
-    tokens still to compute are ``all_token_ids[num_computed_tokens:]``. A
-    preempted request drops its blocks and starts again from 0 (recompute):
+    ``num_computed_tokens`` counts tokens whose K/V sit in the cache, or will
+    once the steps already scheduled have run (the scheduler advances it when
+    it schedules, not when the step returns). ``num_pending`` counts tokens
+    being sampled by scheduled steps whose results have not come back: with
+    asynchronous scheduling the next step computes such a token's K/V before
+    the host knows its value (the worker feeds it from the GPU)::
+
+        all_token_ids (known)            pending
+        [ p0 p1 ... pk  o0 o1 ... oj ] [ ? ]
+        |<------- computed ------------------>|   after a decode is scheduled
+
+    A preempted request drops its blocks and starts again from 0 (recompute):
     its outputs so far are simply more tokens to prefill.
     """
 
@@ -67,6 +76,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0
         self.num_cached_tokens: Optional[int] = None
         """Prompt tokens found in the prefix cache at first schedule."""
         self.num_preemptions = 0
@@ -78,6 +88,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,6 +106,8 @@ class Request:
         return self.status.is_finished
 
     def append_output_token(self, token_id: int) -> None:
+        """Adds a sampled token; it was pending since the step that sampled it was scheduled."""
+        self.num_pending -= 1
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         self._update_block_hashes()
@@ -106,4 +122,5 @@ class Request:
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, "
-                f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")
+                f"tokens={self.num_tokens}, pending={self.num_pending}, "
+                f"computed={self.num_computed_tokens})")

@@ -12,6 +12,15 @@ tokens, and a decode is just a request with one new token. Each step spends
 When the pool has no block left for a running request, the newest running
 request is preempted: its blocks are freed and it goes back to the head of the
 queue, to be recomputed later (cheap with prefix caching).
+
+Progress is booked when a step is scheduled, not when it returns: scheduling
+advances ``num_computed_tokens`` and, for a request whose step samples, counts
+one pending token. That lets the engine schedule step N+1 while step N still
+runs (asynchronous scheduling): a decode whose last token is still pending is
+scheduled for that one token, which the worker takes from step N's sampled ids
+on the GPU. A request known to end with its pending tokens (``max_tokens`` or
+``max_model_len``) is not scheduled again; one that ends on a stop token costs
+at most one wasted step, whose result is ignored.
 """
 
 from __future__ import annotations
@@ -39,11 +48,13 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
-    """A request the workers already know: only what changed since its last step."""
+    """A request the workers already know: only what changed since its last step.
+
+    No tokens: the only tokens a known request gains are the ones the workers
+    sampled themselves, and they keep those.
+    """
 
     req_id: str
-    new_token_ids: list[int]
-    """Tokens appended since it was last scheduled (the ones sampled meanwhile)."""
     new_block_ids: list[int]
     num_computed_tokens: int
 
@@ -107,7 +118,6 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
         self._known_to_workers: set[str] = set()
-        self._last_sent_len: dict[str, int] = {}
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ intake
@@ -137,7 +147,6 @@ class Scheduler:
         if request.request_id in self._known_to_workers or request.num_preemptions:
             self._finished_ids.add(request.request_id)
             self._known_to_workers.discard(request.request_id)
-        self._last_sent_len.pop(request.request_id, None)
 
     @property
     def num_running(self) -> int:
@@ -159,8 +168,8 @@ class Scheduler:
         preempted: set[str] = set()
 
         def emit(request: Request, fresh_ids: list[int], num_tokens: int) -> None:
-            num_scheduled[request.request_id] = num_tokens
             req_id = request.request_id
+            num_scheduled[req_id] = num_tokens
             if req_id not in self._known_to_workers:
                 self._known_to_workers.add(req_id)
                 new_reqs.append(NewRequestData(
@@ -172,21 +181,21 @@ class Scheduler:
                     num_computed_tokens=request.num_computed_tokens,
                 ))
             else:
-                sent = self._last_sent_len[req_id]
                 cached_reqs.append(CachedRequestData(
-                    req_id=req_id,
-                    new_token_ids=request.all_token_ids[sent:],
-                    new_block_ids=fresh_ids,
-                    num_computed_tokens=request.num_computed_tokens,
-                ))
-            self._last_sent_len[req_id] = request.num_tokens
+                    req_id=req_id, new_block_ids=fresh_ids,
+                    num_computed_tokens=request.num_computed_tokens))
+            # Book the step now (see the module docstring): a step that reaches the end
+            # of the known and pending tokens samples one more.
+            request.num_computed_tokens += num_tokens
+            if request.num_computed_tokens == request.num_tokens_with_pending:
+                request.num_pending += 1
 
         # 1. Running requests, oldest first; preempt from the newest end.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            if num_new <= 0 or self._ends_with_pending(request):
                 i += 1
                 continue
             fresh = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -209,9 +218,10 @@ class Scheduler:
                 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             parent = request.fork_parent
-            if parent is not None and not parent.is_finished and \
-                    parent.num_computed_tokens < parent.num_prompt_tokens:
-                # A sibling of n > 1 waits for the shared prompt to be computed.
+            if request.num_pending or (parent is not None and not parent.is_finished and
+                                       parent.num_computed_tokens < parent.num_prompt_tokens):
+                # A request preempted while its last step ran waits for that step's token;
+                # a sibling of n > 1 waits for the shared prompt to be scheduled.
                 skipped.append(self.waiting.popleft())
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
@@ -242,6 +252,12 @@ class Scheduler:
             preempted_req_ids=preempted,
         )
 
+    def _ends_with_pending(self, request: Request) -> bool:
+        """True if the pending tokens finish the request by length: nothing left to schedule."""
+        return request.num_pending > 0 and (
+            request.num_output_tokens + request.num_pending >= request.max_tokens
+            or request.num_tokens_with_pending >= self.max_model_len)
+
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
@@ -256,13 +272,17 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update_from_output(self, sched: SchedulerOutput,
                            model_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Advances computed counts, appends sampled tokens, ends stopped requests."""
+        """Appends the sampled tokens of a finished step and ends stopped requests.
+
+        With asynchronous scheduling this runs after the next step was scheduled:
+        a request may since have been preempted (it still takes its token) or
+        ended (its token is dropped).
+        """
         outputs: list[EngineCoreOutput] = []
-        for req_id, num_tokens in sched.num_scheduled_tokens.items():
+        for req_id in sched.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            if request is None or request.is_finished:
                 continue
-            request.num_computed_tokens += num_tokens
             token = model_output.sampled_token_ids.get(req_id)
             prompt_lp = model_output.prompt_logprobs.get(req_id)
             if token is None:
@@ -281,7 +301,10 @@ class Scheduler:
             )
             if status is not None:
                 request.stop_reason = stop_reason
-                self.running.remove(request)
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 request.status = status
                 self._free(request)
                 out.finish_reason = status.finish_reason

@@ -4,6 +4,14 @@
     step():  Scheduler.schedule ─► Executor.execute_model ─► Scheduler.update_from_output
              ─► OutputProcessor (text, stop strings) ─► RequestOutputs
 
+With asynchronous scheduling (default with one in-process worker) a step
+launches step N+1 before it reads step N's tokens, so the host's work for
+one step (scheduling, batch building, outputs) runs while the GPU computes
+the other::
+
+    host:  schedule N+1 | launch N+1 | wait N, update, outputs N | schedule N+2 | ...
+    GPU:   ...  step N  ...........  | step N+1 .................................
+
 Bad input raises ``ValueError`` in ``add_request`` and leaves the engine
 untouched, so every other request goes on.
 """
@@ -17,9 +25,9 @@ from typing import Any, Iterable, Optional, Union
 
 from kvflow.config import EngineArgs, EngineConfig
 from kvflow.core.request import Request, RequestStatus
-from kvflow.core.scheduler import Scheduler
+from kvflow.core.scheduler import Scheduler, SchedulerOutput
 from kvflow.engine.output_processor import OutputProcessor, RequestOutputKind, child_request_id
-from kvflow.executor.base import create_executor
+from kvflow.executor.base import StepHandle, create_executor
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.logger import init_logger
@@ -81,6 +89,8 @@ class LLMEngine:
             max_model_len=sc.max_model_len, num_blocks=num_blocks, block_size=cc.block_size,
             enable_prefix_caching=cc.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.async_scheduling = sc.async_scheduling
+        self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -195,20 +205,32 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ loop
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.num_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled batch; returns outputs of the requests it advanced."""
+        """Runs one scheduled batch; returns outputs of the requests it advanced.
+
+        Asynchronously scheduled, the outputs are those of the step launched by
+        the previous call (the module docstring has the picture).
+        """
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if sched.finished_req_ids:
+            if sched.finished_req_ids or sched.preempted_req_ids:
                 self.executor.execute_model(sched)  # let workers drop finished state
-            return []
-        model_out = self.executor.execute_model(sched)
-        core_outputs = self.scheduler.update_from_output(sched, model_out)
+            handle = None
+        else:
+            handle = self.executor.execute_model_async(sched)
+        if not self.async_scheduling:
+            return [] if handle is None else self._process(sched, handle)
+        previous, self._in_flight = self._in_flight, (
+            None if handle is None else (sched, handle))
+        return [] if previous is None else self._process(*previous)
+
+    def _process(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        core_outputs = self.scheduler.update_from_output(sched, handle.result())
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, to_abort = self.output_processor.process_outputs(core_outputs)
         if to_abort:

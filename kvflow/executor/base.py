@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
+
+
+class StepHandle(Protocol):
+    """A launched step: ``result()`` waits for it and returns the workers' output."""
+
+    def result(self) -> ModelRunnerOutput: ...
+
+
+class DoneStep:
+    """The handle of a step that has already finished."""
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self._output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self._output
 
 
 class BaseExecutor(ABC):
@@ -21,6 +38,10 @@ class BaseExecutor(ABC):
 
     @abstractmethod
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def execute_model_async(self, sched: SchedulerOutput) -> StepHandle:
+        """Launches a step and returns before it ends where the executor can (see uniproc)."""
+        return DoneStep(self.execute_model(sched))
 
     def shutdown(self) -> None:
         """Stops workers; safe to call twice."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from kvflow.executor.base import BaseExecutor
+from kvflow.executor.base import BaseExecutor, StepHandle
 from kvflow.worker.worker import Worker
 
 
@@ -21,3 +21,6 @@ class UniProcExecutor(BaseExecutor):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(sched)
+
+    def execute_model_async(self, sched: SchedulerOutput) -> StepHandle:
+        return self.worker.execute_model_async(sched)

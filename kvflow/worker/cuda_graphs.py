@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -93,22 +94,32 @@ class CUDAGraphRunner:
     def can_run(self, num_reqs: int, max_query_len: int) -> bool:
         return max_query_len == 1 and num_reqs <= self.max_bs and bool(self.graphs)
 
+    def padded_size(self, num_reqs: int) -> int:
+        return next(s for s in self.sizes if s >= num_reqs)
+
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Replays the smallest graph that holds the batch; returns hidden [n, hidden]."""
-        n = len(input_ids)
-        bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            seq_lens: torch.Tensor, block_tables: torch.Tensor,
+            fill: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Replays the smallest graph that holds the batch; returns hidden [n, hidden].
+
+        The inputs are host tensors (pinned on CUDA, so the copies do not wait
+        for the GPU); ``fill`` = (rows, ids) on the device overwrites those
+        rows of ``input_ids`` after the copy: tokens still being sampled by the
+        previous step, taken straight from its output.
+        """
+        n = input_ids.shape[0]
+        bs = self.padded_size(n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        if fill is not None:
+            self.input_ids.index_copy_(0, fill[0], fill[1])
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(slots, non_blocking=True)
         self.slot_mapping[n:bs].fill_(-1)
-        self.seq_lens[:n].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
         self.seq_lens[n:bs].fill_(1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        self.block_tables[:n, :width].copy_(torch.tensor(padded, dtype=torch.int32),
-                                            non_blocking=True)
+        width = block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(block_tables, non_blocking=True)
         entry = self.graphs[bs]
         entry.graph.replay()
         return entry.hidden[:n]

@@ -11,6 +11,14 @@ generator), updated from the scheduler's deltas, and for each step builds::
 Logits are computed only for the rows that are sampled (the last token of a
 request whose known tokens are all computed) and, for requests asking for
 prompt logprobs, for their prompt positions.
+
+Why ``execute_model_async``: nothing between building the batch and launching
+the sampler waits for the GPU (inputs go up from pinned memory without a
+sync), so the engine can schedule and prepare step N+1 while step N runs. The
+runner keeps the tokens it samples itself: a sampled token is a placeholder in
+its request's state until the step's ``StepResult`` is read, and a step that
+needs it as input before then takes it from the previous step's sampled ids on
+the GPU.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from kvflow.layers.sampler import Sampler, SamplingRow, top_logprobs
+from kvflow.layers.sampler import (Sampler, SamplerOutput, SamplingRow, needs_output_values,
+                                   to_device, top_logprobs)
 from kvflow.models.base import CausalLM
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.cuda_graphs import CUDAGraphRunner
+
+PENDING = -1
+"""Stands in ``RequestState.token_ids`` for a token sampled by a step not read back yet."""
 
 
 @dataclass
@@ -38,6 +50,62 @@ class RequestState:
     num_computed_tokens: int
     generator: Optional[torch.Generator] = None
     prompt_logprobs_done: int = field(default=0)
+
+
+class StepResult:
+    """One launched step's outputs; ``result()`` waits for that step's GPU work only."""
+
+    def __init__(self, sampled: list[tuple[RequestState, int]], out: Optional[SamplerOutput],
+                 prompt_logprobs: dict[str, object], device: torch.device) -> None:
+        self._sampled = sampled
+        self._host = None if out is None else out.to_host()
+        self._prompt_logprobs = prompt_logprobs
+        self._event: Optional[torch.cuda.Event] = None
+        if device.type == "cuda" and out is not None:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._output: Optional[ModelRunnerOutput] = None
+
+    @classmethod
+    def empty(cls) -> "StepResult":
+        return cls([], None, {}, torch.device("cpu"))
+
+    def result(self) -> ModelRunnerOutput:
+        """Waits for the step, writes its tokens into the requests' states, returns them."""
+        if self._output is None:
+            sampled: dict[str, int] = {}
+            logprobs: dict[str, object] = {}
+            if self._host is not None:
+                if self._event is not None:
+                    self._event.synchronize()
+                tokens, lps = self._host.to_lists()
+                for (state, pos), token, lp in zip(self._sampled, tokens, lps):
+                    state.token_ids[pos] = token
+                    sampled[state.req_id] = token
+                    if lp is not None:
+                        logprobs[state.req_id] = lp
+            self._output = ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs,
+                                             prompt_logprobs=self._prompt_logprobs)
+        return self._output
+
+
+@dataclass
+class _Batch:
+    """A step's flat batch on the host, and where its rows go after the forward."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_start: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    sample_rows: list[int]
+    sample_reqs: list[RequestState]
+    prompt_lp: list[tuple[RequestState, int, int]]  # (state, first row, count)
+    fill_rows: list[int]
+    """Rows whose input is a token the previous step is still sampling ..."""
+    fill_from: list[int]
+    """... and its index in that step's sampled ids."""
 
 
 class ModelRunner:
@@ -54,6 +122,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
         self._paused_generators: dict[str, torch.Generator] = {}
+        self._last: StepResult = StepResult.empty()
+        self._last_sampled: Optional[torch.Tensor] = None
+        """The last step's sampled ids, still on the device, and each request's index in it."""
+        self._last_index: dict[str, int] = {}
         torch.manual_seed(seed)
 
     # ------------------------------------------------------------------ state
@@ -78,93 +150,125 @@ class ModelRunner:
                 generator=generator)
         for cached in sched.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
-            state.token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ------------------------------------------------------------------ batch
-    def _prepare(self, sched: SchedulerOutput):
-        """Builds the flat batch and runs the forward (replaying a CUDA graph for decodes)."""
+    def _build(self, sched: SchedulerOutput) -> _Batch:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[RequestState] = []
-        prompt_lp: list[tuple[RequestState, int, int]] = []  # (state, first row, count)
+        b = _Batch([], [], [], [0], [], [], [], [], [], [], [])
         for req_id, num in sched.num_scheduled_tokens.items():
             state = self.requests[req_id]
             start = state.num_computed_tokens
             end = start + num
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
+            row0 = b.query_start[-1]
+            tokens = state.token_ids[start:end]
+            if tokens[-1] == PENDING:
+                # Only a request's last token can be pending: the step before sampled it.
+                tokens[-1] = 0
+                b.fill_rows.append(row0 + num - 1)
+                b.fill_from.append(self._last_index[req_id])
+            b.input_ids.extend(tokens)
+            b.positions.extend(range(start, end))
             table = state.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            tables.append(table)
-            row0 = query_start[-1]
-            query_start.append(row0 + num)
+            if num == 1:
+                b.slots.append(table[start // bs] * bs + start % bs)
+            else:
+                b.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            b.seq_lens.append(end)
+            b.tables.append(table)
+            b.query_start.append(row0 + num)
             if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
                 # Logits at prompt position p give the logprob of prompt token p + 1.
                 last = min(end, state.num_prompt_tokens - 1)
-                prompt_lp.append((state, row0, last - start))
+                b.prompt_lp.append((state, row0, last - start))
             if end >= len(state.token_ids):
-                sample_rows.append(row0 + num - 1)
-                sample_reqs.append(state)
-        max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
-        graphs = self.graph_runner
-        if graphs is not None and graphs.can_run(len(seq_lens), max_query_len):
-            hidden = graphs.run(input_ids, positions, slots, seq_lens, tables)
-            return hidden, sample_rows, sample_reqs, prompt_lp
-        width = max(len(t) for t in tables)
-        block_tables = [t + [0] * (width - len(t)) for t in tables]
+                b.sample_rows.append(row0 + num - 1)
+                b.sample_reqs.append(state)
+        return b
+
+    def _forward(self, b: _Batch) -> torch.Tensor:
+        """Runs the model on the batch (replaying a CUDA graph for decodes); returns hidden."""
         dev = self.device
+        width = max(len(t) for t in b.tables)
+        block_tables = [t + [0] * (width - len(t)) for t in b.tables]
+        fill = None
+        if b.fill_rows:
+            assert self._last_sampled is not None, "a pending token without a previous step"
+            rows = to_device(b.fill_rows + b.fill_from, torch.long, dev).view(2, -1)
+            fill = (rows[0], self._last_sampled.index_select(0, rows[1]))
+        max_query_len = max(b - a for a, b in zip(b.query_start, b.query_start[1:]))
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(len(b.seq_lens), max_query_len):
+            pin = dev.type == "cuda"
+            return graphs.run(
+                torch.tensor(b.input_ids, dtype=torch.long, pin_memory=pin),
+                torch.tensor(b.positions, dtype=torch.long, pin_memory=pin),
+                torch.tensor(b.slots, dtype=torch.long, pin_memory=pin),
+                torch.tensor(b.seq_lens, dtype=torch.int32, pin_memory=pin),
+                torch.tensor(block_tables, dtype=torch.int32, pin_memory=pin), fill)
         metadata = AttentionMetadata(
-            num_tokens=len(input_ids),
+            num_tokens=len(b.input_ids),
             max_query_len=max_query_len,
-            max_seq_len=max(seq_lens),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
+            max_seq_len=max(b.seq_lens),
+            query_start_loc=to_device(b.query_start, torch.int32, dev),
+            seq_lens=to_device(b.seq_lens, torch.int32, dev),
+            block_tables=to_device(block_tables, torch.int32, dev),
+            slot_mapping=to_device(b.slots, torch.long, dev),
+            query_start_loc_cpu=b.query_start,
+            seq_lens_cpu=b.seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        hidden = self.model(ids, pos, self.kv_caches, metadata)
-        return hidden, sample_rows, sample_reqs, prompt_lp
+        ids = to_device(b.input_ids, torch.long, dev)
+        if fill is not None:
+            ids.index_copy_(0, fill[0], fill[1])
+        pos = to_device(b.positions, torch.long, dev)
+        return self.model(ids, pos, self.kv_caches, metadata)
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(sched).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput) -> StepResult:
+        """Launches the step; the returned handle's ``result()`` waits for it."""
         self._update_states(sched)
         if sched.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(sampled_token_ids={})
-        hidden, sample_rows, sample_reqs, prompt_lp = self._prepare(sched)
+            return StepResult.empty()
+        if any(needs_output_values(self.requests[r].params) for r in sched.num_scheduled_tokens):
+            # Penalties read earlier outputs' values: have the last step's tokens first.
+            self._last.result()
+        b = self._build(sched)
+        hidden = self._forward(b)
 
         prompt_logprobs = {}
-        for state, row0, count in prompt_lp:
+        for state, row0, count in b.prompt_lp:
             logits = self.model.compute_logits(hidden[row0:row0 + count]).float()
             start = state.num_computed_tokens
-            targets = torch.tensor(state.token_ids[start + 1:start + 1 + count], device=self.device)
+            targets = to_device(state.token_ids[start + 1:start + 1 + count], torch.long,
+                                self.device)
             prompt_logprobs[state.req_id] = top_logprobs(
                 torch.log_softmax(logits, dim=-1), targets, state.params.prompt_logprobs or 0)
 
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, object] = {}
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            rows = [SamplingRow(s.params, s.token_ids[:s.num_prompt_tokens],
-                                s.token_ids[s.num_prompt_tokens:], s.generator)
-                    for s in sample_reqs]
-            out = self.sampler(logits, rows)
-            for state, token, lp in zip(sample_reqs, out.token_ids, out.logprobs):
-                sampled[state.req_id] = token
-                if lp is not None:
-                    logprobs[state.req_id] = lp
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs,
-                                 prompt_logprobs=prompt_logprobs)
+        out = None
+        sampled: list[tuple[RequestState, int]] = []
+        if b.sample_rows:
+            logits = self.model.compute_logits(
+                hidden[to_device(b.sample_rows, torch.long, self.device)])
+            out = self.sampler(logits, [_sampling_row(s) for s in b.sample_reqs])
+            for state in b.sample_reqs:
+                sampled.append((state, len(state.token_ids)))
+                state.token_ids.append(PENDING)
+        self._last_sampled = None if out is None else out.token_ids
+        self._last_index = {s.req_id: i for i, s in enumerate(b.sample_reqs)}
+        self._last = StepResult(sampled, out, prompt_logprobs, self.device)
+        return self._last
+
+
+def _sampling_row(state: RequestState) -> SamplingRow:
+    """The row's token lists are copied only for the parameters that read them."""
+    p = state.params
+    n = state.num_prompt_tokens
+    values = needs_output_values(p)
+    prompt = state.token_ids[:n] if values else []
+    output = state.token_ids[n:] if values or p.min_tokens else []
+    return SamplingRow(p, prompt, output, state.generator)

@@ -13,7 +13,7 @@ from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from kvflow.distributed.parallel_state import get_tp_size
 from kvflow.models.base import ModelContext
 from kvflow.models.loader import load_model
-from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.model_runner import ModelRunner, StepResult
 
 logger = logging.getLogger("kvflow")
 
@@ -98,3 +98,7 @@ class Worker:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None, "init_cache must run before execute_model"
         return self.runner.execute_model(sched)
+
+    def execute_model_async(self, sched: SchedulerOutput) -> StepResult:
+        assert self.runner is not None, "init_cache must run before execute_model"
+        return self.runner.execute_model_async(sched)

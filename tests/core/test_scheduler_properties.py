@@ -1,10 +1,14 @@
 """Property tests of the scheduler and KV cache manager (pure Python, no model).
 
-A fake model samples random tokens; hypothesis draws arrivals, prompt lengths
-(with shared prefixes), budgets, pool sizes and aborts. After every step:
-blocks are conserved, reference counts equal the tables holding each block,
-and any block two requests share holds the same tokens for both. At the end
-every request has finished or been aborted and every block is free.
+A fake worker mirrors what the model runner keeps (each request's tokens, with
+placeholders for the ones it is sampling) and samples random tokens;
+hypothesis draws arrivals, prompt lengths (with shared prefixes), budgets,
+pool sizes, aborts and whether steps are scheduled synchronously or one ahead
+(asynchronous scheduling: step N+1 is scheduled before step N's tokens are
+known). After every step: blocks are conserved, reference counts equal the
+tables holding each block, any block two requests share holds the same tokens
+for both, and the worker's view of every request agrees with the scheduler's.
+At the end every request has finished or been aborted and every block is free.
 """
 
 from __future__ import annotations
@@ -15,8 +19,55 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvflow.core.request import Request, RequestStatus
-from kvflow.core.scheduler import ModelRunnerOutput, Scheduler
+from kvflow.core.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from kvflow.sampling_params import SamplingParams
+
+PENDING = None
+
+
+class FakeWorker:
+    """What the model runner tracks per request, with tokens drawn when a step is read."""
+
+    def __init__(self, rng: random.Random, sched: Scheduler) -> None:
+        self.rng = rng
+        self.sched = sched
+        self.tokens: dict[str, list] = {}
+        self.computed: dict[str, int] = {}
+
+    def execute(self, out: SchedulerOutput):
+        for rid in out.preempted_req_ids | out.finished_req_ids:
+            self.tokens.pop(rid, None)
+            self.computed.pop(rid, None)
+        for new in out.scheduled_new_reqs:
+            assert new.req_id not in self.tokens, "a known request was sent again as new"
+            self.tokens[new.req_id] = list(new.all_token_ids)
+            self.computed[new.req_id] = new.num_computed_tokens
+        for cached in out.scheduled_cached_reqs:
+            assert cached.num_computed_tokens == self.computed[cached.req_id], \
+                "scheduler and worker disagree on what was computed"
+        sampled = []
+        for rid, num in out.num_scheduled_tokens.items():
+            tokens, start = self.tokens[rid], self.computed[rid]
+            end = start + num
+            assert end <= len(tokens), "scheduled past the tokens the worker has"
+            assert PENDING not in tokens[start:end - 1], "only a last token may be pending"
+            if tokens[end - 1] is PENDING:
+                assert end == len(tokens)
+            known = self.sched.requests[rid].all_token_ids
+            assert all(t is PENDING or t == known[i] for i, t in enumerate(tokens)), \
+                "the worker's tokens differ from the scheduler's"
+            self.computed[rid] = end
+            if end == len(tokens):
+                sampled.append((tokens, len(tokens), rid))
+                tokens.append(PENDING)
+        return lambda: self._read(sampled)
+
+    def _read(self, sampled) -> ModelRunnerOutput:
+        out = {}
+        for tokens, pos, rid in sampled:
+            tokens[pos] = self.rng.randrange(0, 60)
+            out[rid] = tokens[pos]
+        return ModelRunnerOutput(sampled_token_ids=out)
 
 
 def _check_shared_content(sched: Scheduler, seen: dict) -> None:
@@ -59,10 +110,11 @@ def workloads(draw):
     return dict(block_size=block_size, max_model_len=max_model_len, num_blocks=num_blocks,
                 max_num_seqs=draw(st.integers(1, 8)),
                 max_num_batched_tokens=draw(st.integers(1, 64)),
-                caching=draw(st.booleans()), reqs=reqs, seed=draw(st.integers(0, 1000)))
+                caching=draw(st.booleans()), reqs=reqs, seed=draw(st.integers(0, 1000)),
+                async_scheduling=draw(st.booleans()))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_scheduler_never_leaks_and_always_finishes(w):
     rng = random.Random(w["seed"])
@@ -75,6 +127,8 @@ def test_scheduler_never_leaks_and_always_finishes(w):
     added: dict[str, list[Request]] = {}
     ended: dict[str, str] = {}
     seen: dict = {}
+    worker = FakeWorker(rng, sched)
+    in_flight = None
     step = 0
     while step < 2000:
         for i, spec in enumerate(w["reqs"]):
@@ -95,19 +149,19 @@ def test_scheduler_never_leaks_and_always_finishes(w):
         out = sched.schedule()
         assert out.total_num_scheduled_tokens <= w["max_num_batched_tokens"]
         assert len(out.num_scheduled_tokens) <= w["max_num_seqs"]
-        sampled = {}
-        for rid, num in out.num_scheduled_tokens.items():
-            req = sched.requests[rid]
-            if req.num_computed_tokens + num >= req.num_tokens:
-                sampled[rid] = rng.randrange(0, 60)
-        for o in sched.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled)):
-            if o.finish_reason is not None:
-                ended[o.req_id] = o.finish_reason
+        read = worker.execute(out)
+        launched = None if out.is_empty else (out, read)
+        if w["async_scheduling"]:
+            launched, in_flight = in_flight, launched
+        if launched is not None:
+            for o in sched.update_from_output(launched[0], launched[1]()):
+                if o.finish_reason is not None:
+                    ended[o.req_id] = o.finish_reason
         sched.check_integrity()
         _check_shared_content(sched, seen)
         step += 1
         all_arrived = len(added) == len(w["reqs"])
-        if all_arrived and not sched.has_unfinished_requests():
+        if all_arrived and not sched.has_unfinished_requests() and in_flight is None:
             break
     assert not sched.has_unfinished_requests(), "a request never finished"
     for group in added.values():

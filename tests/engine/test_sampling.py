@@ -171,3 +171,39 @@ def test_seeded_sampling_survives_preemption(model_dir):
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert got == want
     assert not tight.llm_engine.executor.worker.runner._paused_generators
+
+
+def test_async_scheduling_gives_the_same_outputs_as_sync(model_dir):
+    """Scheduling one step ahead changes no output, under preemption and with every feature
+    that reads the tokens: penalties (the runner waits for the last step), logprobs, stops."""
+    prompts = [[1] + list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)] + PROMPTS
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.5,
+                             frequency_penalty=0.5, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=9, max_tokens=20, logprobs=2, min_tokens=5),
+              SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[2, 3, 5, 8]),
+              SamplingParams(temperature=1.0, seed=1, top_k=20, max_tokens=16, presence_penalty=1.0,
+                             ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
+    results = {}
+    for mode in (False, True):
+        llm = LLM(model_dir, max_model_len=128, num_gpu_blocks_override=10,
+                  async_scheduling=mode)
+        assert llm.llm_engine.async_scheduling is mode
+        outs = _gen(llm, prompts, params)
+        assert llm.llm_engine.scheduler.num_preemptions > 0
+        assert llm.llm_engine.scheduler.kv_cache_manager.num_free_blocks == 10
+        results[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                          [sorted(lp.items()) for lp in o.outputs[0].logprobs or []])
+                         for o in outs]
+    for sync, asyn in zip(results[False], results[True]):
+        assert sync[:2] == asyn[:2]
+        for a, b in zip(sync[2], asyn[2]):
+            assert [k for k, _ in a] == [k for k, _ in b]
+            assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-5)
+                       for (_, x), (_, y) in zip(a, b))
+
+
+def test_async_scheduling_is_on_by_default_for_one_worker(llm):
+    assert llm.llm_engine.async_scheduling is True
