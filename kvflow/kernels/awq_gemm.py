@@ -1,30 +1,29 @@
 """AWQ int4 kernels (Triton): matmuls with the dequantization fused in, and a dequantizer.
 
-Shape letters: M = tokens, K = input features, N = output features, G = group size.
-The layout (``qweight`` int32 [K, N/8], ``qzeros`` int32 [K/G, N/8], ``scales``
-fp16 [K/G, N], AutoAWQ's nibble order) is drawn in ``kvflow.quantization.awq_format``,
-which also holds the plain-torch references ``awq_gemm`` and ``dequantize`` with
-the same signatures as the launchers here.
+Shape letters: M = tokens, K = input features, N = output features, G = group size,
+S = K splits. The layout (``qweight`` int32 [K, N/8], ``qzeros`` int32 [K/G, N/8],
+``scales`` fp16 [K/G, N], AutoAWQ's nibble order) is drawn in
+``kvflow.quantization.awq_format``, which also holds the plain-torch references
+``awq_gemm`` and ``dequantize`` with the same signatures as the launchers here.
 
 The fused matmuls exist for decode: at a few tokens a step the matmul is bound by
-reading weights, and int4 codes are a quarter of the bytes of bf16. Each program
-owns a [BLOCK_M, BLOCK_N] tile of the output and walks K in BLOCK_K steps::
+reading weights, and int4 codes are a quarter of the bytes of bf16. Every program
+walks a K range of one column tile::
 
          K ->                       N ->
-    x  [BLOCK_M, BLOCK_K]   @   W [BLOCK_K, BLOCK_N]  (built in registers from
-                                qweight [BLOCK_K, BLOCK_N/8] + one row of qzeros/scales)
+    x  [BLOCK_M, BLOCK_K]   @   W [BLOCK_K, BLOCK_N]   built in registers from
+                                qweight [BLOCK_K, BLOCK_N/8] and a row of qzeros/scales
 
-Two kernels share that walk. ``_awq_gemv_kernel`` (M <= 4) keeps W as
-[BLOCK_K, BLOCK_N/8, 8] (packed column, nibble) and multiplies on the CUDA
-cores: no reshape, no tensor cores, which at one token would idle 15 of 16
-rows. ``_awq_gemm_kernel`` flattens W to [BLOCK_K, BLOCK_N] for ``tl.dot``.
+When the column tiles are too few to cover the SMs, S programs share one tile's
+K range (split-K) and write float32 partial sums that
+``kvflow.kernels.gemv.sum_splits`` adds up in split order (deterministic).
 
-BLOCK_K divides G (or the whole of K is one group), so every K step needs one
-row of zeros and scales, and W = q * s - z * s is one multiply-add per element
-after ``z * s`` is formed once per column (exact in float32, like the reference).
-With few tokens the grid has too few tiles to fill the GPU; SPLIT_K programs
-then share one tile's K range and write float32 partial sums that the launcher
-adds up (in a fixed order: results do not depend on timing).
+``_awq_gemv_kernel`` (one token) multiplies on the CUDA cores in float32 and
+never forms W: within a group, sum_k x[k] * (q[k, n] - z[n]) * s[n] =
+s[n] * (sum_k x[k] * q[k, n] - z[n] * sum_k x[k]), so the inner loop costs a
+shift, a mask, an add and an FMA per weight, and zeros and scales are applied
+once per group. ``_awq_gemm_kernel`` (more tokens) rounds W to x's dtype and
+uses ``tl.dot``.
 """
 
 from __future__ import annotations
@@ -37,98 +36,147 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.gemv import sum_splits
+
 _PACK = 8
 
 
 @triton.jit
-def _nibble_shifts():
-    """Bit offset of column j (j = 0..7) in its int32: j // 2 + 4 * (j % 2) nibbles
-    (AutoAWQ's 0,2,4,6,1,3,5,7 packing order, inverted). int32 [8]."""
-    j = tl.arange(0, 8)
-    return ((j >> 1) + (j & 1) * 4) * 4
+def _codes(packed, ROWS: tl.constexpr, PACKED: tl.constexpr):
+    """int32 [ROWS, PACKED] -> int32 [ROWS, PACKED * 8] 4-bit codes, in column order.
+
+    Column 4a + 2b + t (a, b, t in {0, 1}) of an int32 sits at bits
+    4 * (2a + b + 4t) (AutoAWQ's 0,2,4,6,1,3,5,7 nibble order, inverted).
+    ``tl.join`` appends a size-2 axis held in each thread's registers, so three
+    levels of joins build [ROWS, PACKED, a, b, t] and the reshape to columns
+    moves no data (a [K, N/8, 8] broadcast instead gets a layout that spreads
+    the eight columns over threads and shuffles through shared memory)::
+
+        t = 0 (even columns): bits  0  8 | 4 12     (b = 0 | b = 1; a picks within)
+        t = 1 (odd columns):  bits 16 24 | 20 28
+    """
+    even = tl.join(tl.join(packed, packed >> 8), tl.join(packed >> 4, packed >> 12))
+    odd = tl.join(tl.join(packed >> 16, packed >> 24), tl.join(packed >> 20, packed >> 28))
+    return tl.reshape(tl.join(even, odd) & 0xF, (ROWS, PACKED * 8))
 
 
 @triton.jit
-def _unpack_columns(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """int32 [ROWS, COLS/8] -> int32 [ROWS, COLS] 4-bit codes, in column order."""
-    shifts = _nibble_shifts()
-    codes = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [ROWS, COLS/8, 8]
-    return tl.reshape(codes, (ROWS, COLS))
+def _mantissas(packed, ROWS: tl.constexpr, PACKED: tl.constexpr):
+    """int32 [ROWS, PACKED] -> float32 [ROWS, PACKED * 8] = 1 + code / 16, in column order.
+
+    Each code is shifted straight into mantissa bits 19..22 of the float 1.0
+    (bits 0x3F800000), so a code costs one shift and one and-or: no int->float
+    conversion and no subtraction. The columns are laid out as in ``_codes``
+    (the shift that lands the nibble at bit 4 * (2a + b + 4t) on bit 19).
+    """
+    even = tl.join(tl.join(packed << 19, packed << 11), tl.join(packed << 15, packed << 7))
+    odd = tl.join(tl.join(packed << 3, packed >> 5), tl.join(packed >> 1, packed >> 9))
+    bits = (tl.join(even, odd) & 0x780000) | 0x3F800000
+    return tl.reshape(bits.to(tl.float32, bitcast=True), (ROWS, PACKED * 8))
+
+
+@triton.jit
+def _exact_float(codes):
+    """int32 codes in 0..15 -> the same values in float32, without an int->float
+    conversion (a quarter-rate instruction on the GPU): ``code | 0x4B000000`` is
+    the float 2^23 + code, and subtracting 2^23 is exact."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _awq_gemv_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,
-    M, N, K, group_size,
-    stride_xm, stride_os, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    N, K, group_size, k_per_split, chunk, stride_os,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_PARTIAL: tl.constexpr, REDUCE_PER_STEP: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """All M (<= BLOCK_M) tokens against BLOCK_N output columns, over every SPLIT_K-th K step.
+    """One token against BLOCK_N output columns over K range s of program (n, s).
 
-    Grid: ``(1, cdiv(N, BLOCK_N), SPLIT_K)``.
+    Grid: ``(cdiv(N, BLOCK_N), S)``; program s covers [s * k_per_split, + k_per_split).
+    The range is walked in chunks of ``chunk`` = min(G, k_per_split) features, which
+    the launcher makes divide G or be a multiple of it, so a chunk lies in one group::
+
+        for each chunk (one group g):          acc_g[n] = sum_k x[k] * q[k, n]
+            for each BLOCK_K rows of it:       xsum     = sum_k x[k]
+        acc[n] += s[g, n] * (acc_g[n] - z[g, n] * xsum)
 
     Constexprs:
-      BLOCK_M: power of two >= M; each weight tile is dequantized once for all tokens.
-      BLOCK_N: output columns per program, a multiple of 8; BLOCK_N / 8 int32s per
-               qweight row are read contiguously.
-      BLOCK_K: input features per step; divides ``group_size`` unless K is one group.
-      SPLIT_K: as in ``_awq_gemm_kernel``.
-    W stays exact in float32 (no rounding to x's dtype, unlike the tensor-core path):
-    rounding would cost two conversions per weight on the ALU, which at one token
-    competes with the memory stream.
+      BLOCK_N: output columns per program, a multiple of 8 (whole int32s of qweight).
+      BLOCK_K: rows per step; divides ``chunk``.
+      HAS_BIAS: add bias[n] before the cast (not with STORE_PARTIAL: the reducer adds it).
+      STORE_PARTIAL: store float32 partial sums at out + s * stride_os instead of y.
+      REDUCE_PER_STEP: sum each step's [BLOCK_K, BLOCK_N] products over K at once
+        (cheap when Triton keeps a column's K rows in one thread) rather than once
+        per chunk (which keeps BLOCK_K x BLOCK_N float32 accumulators live).
+      NUM_STAGES: qweight tiles in flight (cp.async through shared memory); Triton
+        pipelines only loops that ask for it when no tl.dot is in them.
     """
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
     PACKED_N: tl.constexpr = BLOCK_N // 8
     packed_n = N // 8
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)  # [PN]
-    shifts = _nibble_shifts()  # [8]
-    offs_n = offs_pn[:, None] * 8 + tl.arange(0, 8)[None, :]  # [PN, 8] output columns
-    mask_m = offs_m < M
+    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_pn = offs_pn < packed_n
-    acc = tl.zeros((BLOCK_M, PACKED_N, 8), dtype=tl.float32)
-    for step in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        group = (step * BLOCK_K) // group_size
-        q = tl.load(qweight_ptr + offs_k[:, None].to(tl.int64) * packed_n + offs_pn[None, :],
-                    mask=mask_k[:, None] & mask_pn[None, :], other=0)  # [BK, PN]
-        z = tl.load(qzeros_ptr + group * packed_n + offs_pn, mask=mask_pn, other=0)  # [PN]
-        s = tl.load(scales_ptr + group * N + offs_n, mask=mask_pn[:, None],
-                    other=0.0).to(tl.float32)  # [PN, 8]
-        zs = ((z[:, None] >> shifts[None, :]) & 0xF).to(tl.float32) * s  # [PN, 8]
-        codes = ((q[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)  # [BK, PN, 8]
-        w = codes * s[None, :, :] - zs[None, :, :]  # [BK, PN, 8]
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
-        acc += tl.sum(x[:, :, None, None] * w[None, :, :, :], axis=1)  # [BM, PN, 8]
-    out_ptrs = (out_ptr + pid_k * stride_os + offs_m[:, None, None].to(tl.int64) * stride_om
-                + offs_n[None, :, :])
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None, None] & mask_pn[None, :, None])
+    mask_n = offs_n < N
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(k_start, k_end, chunk):
+        c1 = tl.minimum(c0 + chunk, k_end)
+        if REDUCE_PER_STEP:
+            acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in tl.range(c0, c1, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < c1
+            q = tl.load(qweight_ptr + offs_k[:, None].to(tl.int64) * packed_n + offs_pn[None, :],
+                        mask=mask_k[:, None] & mask_pn[None, :], other=0)  # [BK, BN/8]
+            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
+            prod = x[:, None] * _mantissas(q, BLOCK_K, PACKED_N)  # [BK, BN]
+            if REDUCE_PER_STEP:
+                acc_g += tl.sum(prod, axis=0)
+            else:
+                acc_g += prod
+            xsum += x
+        if not REDUCE_PER_STEP:
+            acc_g = tl.sum(acc_g, axis=0)
+        group = c0 // group_size
+        z = tl.load(qzeros_ptr + group * packed_n + offs_pn, mask=mask_pn, other=0)  # [BN/8]
+        zeros = tl.reshape(_mantissas(z[None, :], 1, PACKED_N), (BLOCK_N,))  # 1 + z / 16
+        s = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        # acc_g = sum x * (1 + q/16): sum x * (q - z) = 16 * (acc_g - (1 + z/16) * sum x)
+        acc += (16.0 * s) * (acc_g - zeros * tl.sum(xsum, axis=0))
+    out_ptrs = out_ptr + pid_s * stride_os + offs_n
+    if STORE_PARTIAL:
+        tl.store(out_ptrs, acc, mask=mask_n)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _awq_gemm_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,
-    M, N, K, group_size,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    M, N, K, group_size, k_per_split,
     stride_xm, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile over every SPLIT_K-th K step, on tensor cores.
+    """One [BLOCK_M, BLOCK_N] output tile over K range s, on tensor cores.
 
-    Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K)``.
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), S)``.
 
     Constexprs:
       BLOCK_M: tokens per tile (>= 16, tl.dot's minimum).
       BLOCK_N: output columns per tile; a multiple of 8 (whole int32s of qweight).
-      BLOCK_K: input features per step; divides ``group_size`` unless K is one group,
-               so a step reads one row of qzeros and scales.
-      SPLIT_K: programs sharing a tile. With 1, the tile is stored in out's dtype;
-               otherwise program k stores float32 partial sums at out + k * stride_os.
+      BLOCK_K: input features per step; divides ``group_size`` (or K is one group)
+               and ``k_per_split``, so a step reads one row of qzeros and scales.
+      HAS_BIAS, STORE_PARTIAL: as in ``_awq_gemv_kernel``.
       UPCAST:  CPU interpreter only: it multiplies bfloat16 tl.dot operands as raw
                bits, so the rounded operands are widened to float32 first (their
                products are exact there, as in the tensor cores).
@@ -136,52 +184,44 @@ def _awq_gemm_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_s = tl.program_id(2)
+    PACKED_N: tl.constexpr = BLOCK_N // 8
     packed_n = N // 8
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_pn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask_pn = offs_pn < packed_n
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         q = tl.load(qweight_ptr + offs_k[:, None].to(tl.int64) * packed_n + offs_pn[None, :],
                     mask=mask_k[:, None] & mask_pn[None, :], other=0)  # [BK, BN/8]
-        group = (step * BLOCK_K) // group_size
+        group = k0 // group_size
         z = tl.load(qzeros_ptr + group * packed_n + offs_pn, mask=mask_pn, other=0)  # [BN/8]
         s = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zeros = tl.reshape(_unpack_columns(z[None, :], 1, BLOCK_N), (BLOCK_N,))  # [BN]
-        zs = zeros.to(tl.float32) * s  # [BN]
-        codes = _unpack_columns(q, BLOCK_K, BLOCK_N).to(tl.float32)  # [BK, BN]
+        zs = tl.reshape(_exact_float(_codes(z[None, :], 1, PACKED_N)), (BLOCK_N,)) * s  # [BN]
+        codes = _exact_float(_codes(q, BLOCK_K, PACKED_N))  # [BK, BN]
         w = (codes * s[None, :] - zs[None, :]).to(x_ptr.dtype.element_ty)  # [BK, BN]
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-    out_ptrs = (out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+    out_ptrs = (out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
                 + offs_n[None, :])
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum over s of partial[s, i], added in split order, stored in out's dtype.
-
-    Grid: ``(cdiv(numel, BLOCK),)``; partial is [SPLIT_K, numel] float32 contiguous.
-    One launch for what ``partial.sum(0)`` and a cast would do in two: decode runs
-    this once per linear layer, so launches count.
-    """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_PARTIAL:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -200,10 +240,11 @@ def _awq_dequantize_kernel(
     """
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
+    PACKED_N: tl.constexpr = BLOCK_N // 8
     packed_n = N // 8
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_pn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
     mask_kp = mask_k[:, None] & (offs_pn < packed_n)[None, :]
@@ -214,15 +255,15 @@ def _awq_dequantize_kernel(
                 mask=mask_kp, other=0)  # [BK, BN/8]
     s = tl.load(scales_ptr + groups[:, None] * N + offs_n[None, :],
                 mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
-    codes = _unpack_columns(q, BLOCK_K, BLOCK_N)
-    zeros = _unpack_columns(z, BLOCK_K, BLOCK_N)
+    codes = _codes(q, BLOCK_K, PACKED_N)
+    zeros = _codes(z, BLOCK_K, PACKED_N)
     w = ((codes - zeros).to(tl.float32) * s.to(tl.float32)).to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]  # [BN, BK]
     tl.store(out_ptrs, tl.trans(w), mask=mask_n[:, None] & mask_k[None, :])
 
 
-GEMV_MAX_TOKENS = 4
-"""Batches up to this many tokens run ``_awq_gemv_kernel`` by default."""
+GEMV_MAX_TOKENS = 1
+"""Batches of this many tokens run ``_awq_gemv_kernel`` by default; more take tl.dot."""
 
 
 @dataclass(frozen=True)
@@ -233,17 +274,21 @@ class AWQGemmConfig:
     block_n: int
     block_k: int
     split_k: int = 1
+    """Programs sharing one tile's K range (fewer when K does not split evenly)."""
     num_warps: int = 4
     num_stages: int = 3
     use_tensor_cores: bool = True
-    """True: ``_awq_gemm_kernel`` (tl.dot); False: ``_awq_gemv_kernel``."""
+    """True: ``_awq_gemm_kernel`` (tl.dot); False: ``_awq_gemv_kernel`` (block_m = 1)."""
+    reduce_per_step: bool = True
+    """``_awq_gemv_kernel``'s REDUCE_PER_STEP."""
 
 
 @lru_cache(maxsize=8)
-def _num_sms(device_index: Optional[int]) -> int:
-    if device_index is None:
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
         return 4  # the CPU interpreter: small, so tests exercise split-K
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @lru_cache(maxsize=4096)
@@ -251,15 +296,14 @@ def default_gemm_config(m: int, n: int, k: int, group_size: int,
                         device: torch.device) -> AWQGemmConfig:
     """A kernel and tile shape for the problem: first guesses, to be tuned on the GPU.
 
-    Few tokens: the CUDA-core GEMV with wide column blocks, split over K until the
-    grid covers the SMs twice (decode is bound by weight reads, so every SM should
-    stream qweight). More tokens: tensor-core tiles, square once M is large.
+    One token: the CUDA-core GEMV; more: tensor-core tiles, square once M is large.
+    Few tiles are split over K until the grid covers the SMs twice (decode is bound
+    by weight reads, so every SM should stream qweight).
     """
     block_k = min(128, group_size) if group_size < k else 128
     use_tensor_cores = m > GEMV_MAX_TOKENS
     if not use_tensor_cores:
-        block_m, block_n, warps = triton.next_power_of_2(m), 128, 4
-        block_k = min(block_k, 64)  # [BM, BK, BN] products live in registers
+        block_m, block_n, block_k, warps = 1, 1024, 16, 1
     elif m <= 16:
         block_m, block_n, warps = 16, 128, 4
     elif m <= 32:
@@ -270,12 +314,29 @@ def default_gemm_config(m: int, n: int, k: int, group_size: int,
         block_m, block_n, warps = 128, 128, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
-    sms = _num_sms(device.index if device.type == "cuda" else None)
+    sms = _num_sms(device)
     split_k = 1
-    while tiles * split_k < 2 * sms and split_k * 2 <= steps // 2:
+    while tiles * split_k < 2 * sms and split_k * 2 <= steps:
         split_k *= 2
     return AWQGemmConfig(block_m, block_n, block_k, split_k, num_warps=warps,
                          use_tensor_cores=use_tensor_cores)
+
+
+def k_split(num_in: int, group_size: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(features per split, number of splits) for about ``split_k`` splits of K.
+
+    A split's length is a multiple of block_k and either a multiple of the group
+    size or a divisor of it (halving the group), so the GEMV's chunks never straddle
+    two groups; when K does not allow that many splits, fewer are made.
+    """
+    target = triton.cdiv(num_in, split_k)
+    if target >= group_size:
+        per_split = triton.cdiv(target, group_size) * group_size
+    else:
+        per_split = group_size
+        while per_split % 2 == 0 and per_split // 2 >= target and (per_split // 2) % block_k == 0:
+            per_split //= 2
+    return per_split, triton.cdiv(num_in, per_split)
 
 
 def _check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
@@ -300,48 +361,60 @@ def _check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-             scales: torch.Tensor, config: Optional[AWQGemmConfig] = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16) @ dequant(qweight).T -> [M, N] in x's dtype; inputs are read only."""
+             scales: torch.Tensor, config: Optional[AWQGemmConfig] = None,
+             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16) @ dequant(qweight).T (+ bias [N]) -> [M, N] in x's dtype.
+
+    Inputs are read only; every launch is graph-capturable (no host syncs).
+    """
     num_in, num_out, group = _check_packed(qweight, qzeros, scales)
     assert x.dim() == 2 and x.shape[1] == num_in, (
         f"x must be [M, K={num_in}], got {tuple(x.shape)}")
     assert x.dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {x.dtype}"
     assert x.stride(1) == 1, "x's K dim must be contiguous"
     assert x.device == qweight.device
+    if bias is not None:
+        assert bias.shape == (num_out,) and bias.is_contiguous(), (
+            f"bias must be a contiguous [{num_out}] tensor, got {tuple(bias.shape)}")
     num_tokens = x.shape[0]
     out = torch.empty(num_tokens, num_out, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
     cfg = config or default_gemm_config(num_tokens, num_out, num_in, group, x.device)
-    assert cfg.block_n % _PACK == 0 and cfg.block_k >= 16, cfg
+    assert cfg.block_n % _PACK == 0 and cfg.block_k >= 8, cfg
     assert group % cfg.block_k == 0 or group == num_in, (
         f"block_k={cfg.block_k} must divide group_size={group} (or K={num_in} be one group)")
-    if cfg.split_k > 1:
-        partial = torch.empty(cfg.split_k, num_tokens, num_out, dtype=torch.float32,
-                              device=x.device)
-        target, stride_split = partial, partial.stride(0)
+    per_split, num_splits = k_split(num_in, group, cfg.block_k, cfg.split_k)
+    if num_splits > 1:
+        target = torch.empty(num_splits, num_tokens, num_out, dtype=torch.float32,
+                             device=x.device)
     else:
-        target, stride_split = out, 0
-    args = (x, qweight, qzeros, scales, target, num_tokens, num_out, num_in, group,
-            x.stride(0), stride_split, target.stride(-2))
+        target = out
+    has_bias = bias is not None and num_splits == 1
+    bias_arg = bias if bias is not None else out
+    stride_split = target.stride(0) if num_splits > 1 else 0
     if cfg.use_tensor_cores:
         assert min(cfg.block_m, cfg.block_n) >= 16, f"tl.dot needs 16x16 tiles: {cfg}"
         grid = (triton.cdiv(num_tokens, cfg.block_m), triton.cdiv(num_out, cfg.block_n),
-                cfg.split_k)
+                num_splits)
         _awq_gemm_kernel[grid](
-            *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=cfg.split_k, UPCAST=x.device.type != "cuda",
+            x, qweight, qzeros, scales, bias_arg, target,
+            num_tokens, num_out, num_in, group, per_split,
+            x.stride(0), stride_split, target.stride(-2),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            HAS_BIAS=has_bias, STORE_PARTIAL=num_splits > 1, UPCAST=x.device.type != "cuda",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        assert num_tokens <= cfg.block_m, f"the GEMV holds all {num_tokens} tokens: {cfg}"
-        grid = (1, triton.cdiv(num_out, cfg.block_n), cfg.split_k)
+        assert num_tokens == 1 == cfg.block_m, f"the GEMV runs one token: M={num_tokens}, {cfg}"
+        grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
         _awq_gemv_kernel[grid](
-            *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.split_k > 1:
-        numel = num_tokens * num_out
-        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](partial, out, numel,
-                                                        SPLIT_K=cfg.split_k, BLOCK=1024)
+            x, qweight, qzeros, scales, bias_arg, target,
+            num_out, num_in, group, per_split, min(group, per_split), stride_split,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=has_bias,
+            STORE_PARTIAL=num_splits > 1, REDUCE_PER_STEP=cfg.reduce_per_step,
+            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        sum_splits(target, bias, out)
     return out
 
 

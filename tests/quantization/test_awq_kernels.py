@@ -67,16 +67,19 @@ def test_gemm_kernel_matches_reference(shape, num_tokens, dtype):
     torch.testing.assert_close(got.float(), twin, atol=2 * tol, rtol=2 * TOL[dtype])
 
 
+def _gemv(block_n: int, block_k: int, split_k: int, **kw) -> kernels.AWQGemmConfig:
+    return kernels.AWQGemmConfig(block_m=1, block_n=block_n, block_k=block_k, split_k=split_k,
+                                 use_tensor_cores=False, **kw)
+
+
 @pytest.mark.parametrize("num_tokens,config", [
     (5, kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=1)),
     (5, kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=16, split_k=3)),  # uneven split
     (1, kernels.AWQGemmConfig(block_m=32, block_n=64, block_k=32, split_k=2)),
-    (1, kernels.AWQGemmConfig(block_m=1, block_n=8, block_k=16, split_k=1,
-                              use_tensor_cores=False)),
-    (3, kernels.AWQGemmConfig(block_m=4, block_n=32, block_k=32, split_k=3,
-                              use_tensor_cores=False)),
-    (7, kernels.AWQGemmConfig(block_m=8, block_n=64, block_k=16, split_k=2,
-                              use_tensor_cores=False)),
+    (1, _gemv(8, 16, 1)),
+    (1, _gemv(32, 32, 3)),                           # splits of whole groups
+    (1, _gemv(64, 8, 8, reduce_per_step=False)),     # splits inside a group
+    (1, _gemv(16, 16, 4, num_stages=2, num_warps=1)),
 ])
 def test_gemm_kernel_tile_configs(num_tokens, config):
     num_in, num_out, group = 128, 72, 32
@@ -89,11 +92,59 @@ def test_gemm_kernel_tile_configs(num_tokens, config):
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=TOL[torch.float16])
 
 
-def test_default_config_picks_gemv_for_few_tokens():
-    for m in range(1, kernels.GEMV_MAX_TOKENS + 1):
-        assert not kernels.default_gemm_config(m, 4096, 4096, 128, DEVICE).use_tensor_cores
-    assert kernels.default_gemm_config(kernels.GEMV_MAX_TOKENS + 1, 4096, 4096, 128,
-                                       DEVICE).use_tensor_cores
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 48, 64), (96, 40, None), (384, 264, 128)], ids=str)
+@pytest.mark.parametrize("per_step", [True, False])
+def test_gemv_kernel_splits_and_bias(shape, per_step, dtype):
+    """The one-token kernel against float32 on the exact weight, with and without
+    bias, over split counts that cut K into whole groups, halves of groups, and
+    (one group over all of K) ranges inside the group."""
+    num_in, num_out, group = shape
+    packed = _packed(num_in, num_out, group, seed=num_in)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, num_in, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(num_out, generator=gen).to(dtype).to(DEVICE)
+    exact = x.float() @ awq_format.dequantize(*packed, torch.float32).t()
+    tol = TOL[dtype] * float(exact.abs().max())
+    for split_k in (1, 2, 6):
+        config = _gemv(16, 16, split_k, reduce_per_step=per_step)
+        got = kernels.awq_gemm(x, *packed, config=config, bias=bias if split_k != 2 else None)
+        expected = exact + (bias.float() if split_k != 2 else 0)
+        assert got.shape == (1, num_out) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0)
+
+
+def test_tensor_core_kernel_adds_bias_with_and_without_split():
+    packed = _packed(128, 40, 32, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 128, generator=gen).half().to(DEVICE)
+    bias = torch.randn(40, generator=gen).half().to(DEVICE)
+    expected = x.float() @ awq_format.dequantize(*packed, torch.float16).float().t() + bias.float()
+    for split_k in (1, 2):
+        config = kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=split_k)
+        got = kernels.awq_gemm(x, *packed, config=config, bias=bias)
+        torch.testing.assert_close(got.float(), expected,
+                                   atol=TOL[torch.float16] * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("num_in,group,block_k,split_k,expected", [
+    (4096, 128, 16, 8, (512, 8)),      # whole groups
+    (4096, 128, 16, 64, (64, 64)),     # half groups
+    (4096, 128, 64, 128, (64, 64)),    # no smaller than block_k
+    (11008, 128, 16, 8, (1408, 8)),
+    (4096, 4096, 16, 8, (512, 8)),     # one group: ranges inside it
+    (80, 80, 16, 4, (80, 1)),          # an odd group cannot be halved
+])
+def test_k_split(num_in, group, block_k, split_k, expected):
+    per_split, num_splits = kernels.k_split(num_in, group, block_k, split_k)
+    assert (per_split, num_splits) == expected
+    assert per_split % group == 0 or group % per_split == 0
+
+
+def test_default_config_picks_gemv_for_one_token():
+    assert not kernels.default_gemm_config(1, 4096, 4096, 128, DEVICE).use_tensor_cores
+    for m in (2, 4, 16):
+        assert kernels.default_gemm_config(m, 4096, 4096, 128, DEVICE).use_tensor_cores
 
 
 def test_gemm_kernel_empty_batch_and_strided_rows():
@@ -120,7 +171,5 @@ def test_launchers_reject_bad_inputs():
     with pytest.raises(AssertionError, match="block_k"):
         kernels.awq_gemm(x, qweight, qzeros, scales,
                          config=kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=64))
-    with pytest.raises(AssertionError, match="holds all 2 tokens"):
-        kernels.awq_gemm(x, qweight, qzeros, scales,
-                         config=kernels.AWQGemmConfig(block_m=1, block_n=32, block_k=32,
-                                                      use_tensor_cores=False))
+    with pytest.raises(AssertionError, match="runs one token"):
+        kernels.awq_gemm(x, qweight, qzeros, scales, config=_gemv(32, 32, 1))
