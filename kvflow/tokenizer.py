@@ -21,11 +21,11 @@ def load_tokenizer(path: Optional[str], *, trust_remote_code: bool = False) -> A
     # classes reject some remote-code configs (mosaicml MPT's grouped-query attn_type);
     # retry with the config as kvflow reads it.
     if os.path.isfile(os.path.join(path, "config.json")):
-        from kvflow.models.source import load_hf_config
+        from kvflow.models.source import load_transformers_config
 
         try:
             return AutoTokenizer.from_pretrained(path, trust_remote_code=False,
-                                                 config=load_hf_config(path))
+                                                 config=load_transformers_config(path))
         except Exception:
             pass
     raise ValueError(f"Could not load a tokenizer from {path!r} ({type(error).__name__}: {error}). "
