@@ -1,56 +1,141 @@
 """C1 (BENCHMARKS.md): a new process to its first token, from a safetensors checkpoint on disk.
 
-    python benchmarks/cold_start.py [--shape llama3-8b] [--dir /tmp/kvflow-c1]
+    python benchmarks/cold_start.py [--shape llama3-8b] [--dir /tmp/kvflow-c1] [--runs 2]
+                                    [--profile] [--dummy] [--compare DIR] [--skip-hf]
+    python benchmarks/cold_start.py --shape tiny --device cpu --profile   # CPU dry run
 
 Writes the checkpoint once (random bf16 weights of the shape, 5 GB shards), then
-times in a fresh Python process: import, model load, memory profile, KV cache +
-CUDA graph capture, first token. Compared with transformers' ``from_pretrained``
-plus one-token ``generate`` in another fresh process.
+starts kvflow ``--runs`` times in fresh Python processes (the first start of a
+fresh machine also pays for Triton's JIT and for paging the packages in; the
+later ones show what a restart costs) and transformers' ``from_pretrained`` +
+one-token ``generate`` once.
+
+Every kvflow start is broken down end to end, so the phases add up to the
+new-process-to-first-token time: interpreter start, ``import kvflow``, each
+piece of ``EngineArgs.create_engine_config`` (HF config, device resolution =
+the first CUDA call, Triton check, quantization check, model description),
+tokenizer, then the engine's own timers (load, memory profile, KV cache + CUDA
+graphs) and the first token. The pieces are timed by wrapping those functions
+in the child, so the engine carries no benchmark code.
+
+``--profile`` adds two more starts: one under ``-X importtime`` (import seconds
+summed per top-level package, and the slowest modules) and one under cProfile
+(top cumulative entries). ``--dummy`` skips the checkpoint (config.json only,
+``load_format="dummy"``): enough to see everything before the weights.
+``--compare DIR`` also starts the kvflow package found in DIR (e.g. an export of
+an older commit), so before/after come from one machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import json
 import os
+import pstats
+import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# argv: model dir, parent's spawn instant (time.time()), device, dtype, load format,
+# cProfile output path ("" for none).
 KVFLOW_CHILD = r"""
-import time, json, sys
+import time
+spawn_wall = time.time()
+import json, sys
+model_dir, spawn, device, dtype, load_format, prof_path = sys.argv[1:7]
+prof = None
+if prof_path:
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
 t0 = time.perf_counter()
 from kvflow import LLM, SamplingParams
+t_import = time.perf_counter() - t0
+
+timers = {}
+
+def timed(owner, name, key):
+    fn = getattr(owner, name, None)
+    if fn is None:  # renamed or gone: that piece simply is not reported
+        return
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timers[key] = timers.get(key, 0.0) + time.perf_counter() - start
+    setattr(owner, name, wrapper)
+
+th = time.perf_counter()
+import kvflow.config as config_mod
+import kvflow.engine.llm_engine as engine_mod
+import kvflow.models.registry as registry_mod
+import kvflow.models.source as source_mod
+timed(config_mod.EngineArgs, "create_engine_config", "config")
+timed(source_mod, "load_hf_config", "config.hf_config")
+timed(source_mod, "_download", "config.hub_download")
+timed(config_mod.EngineArgs, "_resolve_device", "config.device (first CUDA call)")
+timed(config_mod, "_triton_available", "config.triton check")
+timed(config_mod, "_resolve_quantization", "config.quantization")
+timed(registry_mod, "describe_model", "config.describe model")
+timed(engine_mod, "load_tokenizer", "tokenizer")
+timed(engine_mod, "eos_token_ids", "eos ids")
+t_harness = time.perf_counter() - th
+
 t1 = time.perf_counter()
-llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096)
+llm = LLM(model_dir, skip_tokenizer_init=True, dtype=dtype, device=device, max_model_len=4096,
+          load_format=load_format)
 t2 = time.perf_counter()
 llm.generate({"prompt_token_ids": [1000 + i for i in range(512)]},
              SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
+if device != "cpu":
+    import torch
+    torch.cuda.synchronize()
 t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, **llm.llm_engine.startup_seconds,
-                  "first_token": t3 - t2, "to_first_token": time.time() - float(sys.argv[2])}))
+to_first = time.time() - float(spawn)
+if prof is not None:
+    prof.disable()
+    prof.dump_stats(prof_path)
+print(json.dumps({"interpreter": spawn_wall - float(spawn), "import": t_import,
+                  "harness": t_harness, "engine": t2 - t1, "startup": llm.llm_engine.startup_seconds,
+                  "timers": timers, "first_token": t3 - t2, "to_first_token": to_first,
+                  "transformers_imported": "transformers" in sys.modules}))
 """
 
 HF_CHILD = r"""
-import time, json, sys
+import time
+spawn_wall = time.time()
+import json, sys
 t0 = time.perf_counter()
 import torch
+t_torch = time.perf_counter()
 from transformers import AutoModelForCausalLM
 t1 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device_map="cuda")
+device = sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[4]),
+                                             device_map=device)
 t2 = time.perf_counter()
-x = torch.tensor([[1000 + i for i in range(512)]], device="cuda")
+x = torch.tensor([[1000 + i for i in range(512)]], device=device)
 model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False)
-torch.cuda.synchronize()
+if device != "cpu":
+    torch.cuda.synchronize()
 t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_token": t3 - t2,
+print(json.dumps({"interpreter": spawn_wall - float(sys.argv[2]), "import torch": t_torch - t0,
+                  "import transformers": t1 - t_torch, "load": t2 - t1, "first_token": t3 - t2,
                   "to_first_token": time.time() - float(sys.argv[2])}))
 """
 
 
-def write_checkpoint(shape: str, path: str) -> None:
+def write_checkpoint(shape: str, path: str, device: str) -> None:
+    """Random bf16 weights of the shape as safetensors shards (once; reused when present)."""
     import torch
     from safetensors.torch import save_file
 
@@ -67,7 +152,7 @@ def write_checkpoint(shape: str, path: str) -> None:
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     shard, size, index, n = {}, 0, {}, 0
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def flush() -> None:
         nonlocal shard, size, n
@@ -77,7 +162,7 @@ def write_checkpoint(shape: str, path: str) -> None:
         shard, size, n = {}, 0, n + 1
 
     for name, p in meta.state_dict().items():
-        t = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda").uniform_(-0.02, 0.02,
+        t = torch.empty(p.shape, dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02,
                                                                               generator=gen)
         shard[name] = t.cpu()
         size += t.numel() * 2
@@ -89,40 +174,175 @@ def write_checkpoint(shape: str, path: str) -> None:
         json.dump({"metadata": {}, "weight_map": index}, f)
 
 
-def run_child(code: str, path: str) -> dict:
+def write_config_only(shape: str, path: str) -> None:
+    from gpu_suite import SHAPES
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(SHAPES[shape], f)
+
+
+def run_child(code: str, argv: list[str], *, pythonpath: str = REPO_ROOT,
+              python_flags: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """Runs ``code`` in a new interpreter; returns its JSON result (plus "wall") and stderr.
+
+    The child runs in a neutral folder with ``pythonpath`` first on PYTHONPATH, so it
+    imports that kvflow and not one found in the current folder.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     # The child reports its first token against this wall-clock instant, taken just before
     # the spawn, so the interpreter's own start counts too.
-    out = subprocess.run([sys.executable, "-c", code, path, repr(time.time())],
-                         capture_output=True, text=True, check=False)
+    spawn = repr(time.time())
+    out = subprocess.run([sys.executable, *python_flags, "-c", code, argv[0], spawn, *argv[1:]],
+                         capture_output=True, text=True, check=False, env=env,
+                         cwd=tempfile.gettempdir())
     wall = time.perf_counter() - start
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
+        raise RuntimeError(out.stderr[-3000:])
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["wall"] = wall
-    return result
+    return result, out.stderr
+
+
+def breakdown(r: dict) -> list[tuple[str, float]]:
+    """Phases of one kvflow start, in order, adding up to new process -> first token."""
+    timers, startup = r["timers"], r["startup"]
+    config = timers.get("config", 0.0)
+    config_parts = [(k, v) for k, v in timers.items() if k.startswith("config.")]
+    tokenizer = timers.get("tokenizer", 0.0) + timers.get("eos ids", 0.0)
+    engine_known = config + tokenizer + sum(startup.values())
+    rows = [("interpreter start", r["interpreter"]), ("import kvflow", r["import"]),
+            ("(benchmark harness)", r["harness"]), ("create_engine_config", config)]
+    rows += [("  " + k.removeprefix("config."), v) for k, v in config_parts]
+    rows.append(("  (rest of create_engine_config)", config - sum(v for _, v in config_parts)))
+    rows += [("tokenizer + EOS ids", tokenizer)]
+    rows += [(k.replace("_", " "), v) for k, v in startup.items()]
+    rows += [("engine, other", r["engine"] - engine_known), ("first token", r["first_token"])]
+    accounted = sum(v for k, v in rows if not k.startswith("  "))
+    rows.append(("unaccounted", r["to_first_token"] - accounted))
+    rows.append(("**new process -> first token**", r["to_first_token"]))
+    return rows
+
+
+def print_breakdowns(labels: list[str], results: list[dict]) -> None:
+    print("| phase s | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    tables = [breakdown(r) for r in results]
+    names: list[str] = []
+    for t in tables:
+        names += [k for k, _ in t if k not in names]
+    for name in names:
+        cells = []
+        for t in tables:
+            value = dict(t).get(name)
+            cells.append("-" if value is None else f"{value:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def importtime_summary(stderr: str, top: int = 15) -> None:
+    """Seconds of import per top-level package (self times summed) and the slowest modules."""
+    per_pkg: dict[str, float] = defaultdict(float)
+    cumulative: list[tuple[float, str]] = []
+    for line in stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if not m:
+            continue
+        self_us, cum_us, indent, name = int(m[1]), int(m[2]), len(m[3]), m[4]
+        per_pkg[name.split(".")[0]] += self_us / 1e6
+        cumulative.append((cum_us / 1e6, ("  " * (indent // 2)) + name))
+    print("\n`-X importtime`, seconds per top-level package (self times summed):\n")
+    print("| package | s |\n|---|---|")
+    for pkg, s in sorted(per_pkg.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {pkg} | {s:.2f} |")
+    print(f"| (all) | {sum(per_pkg.values()):.2f} |")
+    print("\nslowest imports (cumulative s, nesting shown by indent):\n")
+    for s, name in sorted(cumulative, reverse=True)[:top]:
+        print(f"    {s:7.2f}  {name}")
+
+
+def cprofile_summary(path: str, top: int = 40) -> None:
+    stream = io.StringIO()
+    stats = pstats.Stats(path, stream=stream)
+    stats.strip_dirs().sort_stats("cumulative").print_stats(top)
+    print("\ncProfile of one start (top cumulative):\n")
+    print("\n".join(line for line in stream.getvalue().splitlines()
+                    if line.strip() and "function calls" not in line))
+
+
+def environment_facts() -> None:
+    """What decides cold-start costs outside kvflow: caches, offline flags, bytecode."""
+    spec = importlib.util.find_spec("transformers")
+    tf_dir = os.path.dirname(spec.origin) if spec and spec.origin else None
+    triton_cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".triton", "cache")
+    num_cached = len(os.listdir(triton_cache)) if os.path.isdir(triton_cache) else 0
+    facts = {
+        "python": sys.version.split()[0],
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
+        "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE"),
+        "TRITON_CACHE_DIR": f"{triton_cache} ({num_cached} entries)",
+        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "transformers dir writable": tf_dir is not None and os.access(tf_dir, os.W_OK),
+        "transformers has __pycache__": tf_dir is not None
+        and os.path.isdir(os.path.join(tf_dir, "__pycache__")),
+    }
+    print("environment: " + "; ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3-8b")
-    ap.add_argument("--dir", default="/tmp/kvflow-c1")
+    from gpu_suite import SHAPES
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--dir", default=None, help="checkpoint folder (default /tmp/kvflow-c1-SHAPE)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--runs", type=int, default=2, help="kvflow starts, each a new process")
+    ap.add_argument("--dummy", action="store_true",
+                    help="config.json only, random weights drawn at start (no checkpoint read)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one start under -X importtime and one under cProfile")
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="also start the kvflow package in DIR (before/after on one machine)")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
+    path = args.dir or os.path.join(tempfile.gettempdir(), f"kvflow-c1-{args.shape}")
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
     t = time.perf_counter()
-    write_checkpoint(args.shape, args.dir)
-    print(f"checkpoint ready in {time.perf_counter() - t:.1f} s", flush=True)
-    print("| engine | import s | load s | profile s | cache+graphs s | first token s | "
-          "new process to first token s | process wall s (incl. exit) |")
-    print("|---|---|---|---|---|---|---|---|")
-    r = run_child(KVFLOW_CHILD, args.dir)
-    print(f"| kvflow | {r['import']:.2f} | {r['load']:.2f} | {r['profile']:.2f} | "
-          f"{r['cache_and_graphs']:.2f} | {r['first_token']:.2f} | {r['to_first_token']:.2f} | "
-          f"{r['wall']:.2f} |", flush=True)
-    if not args.skip_hf:
-        r = run_child(HF_CHILD, args.dir)
-        print(f"| HF from_pretrained + generate | {r['import']:.2f} | {r['load']:.2f} | - | - | "
-              f"{r['first_token']:.2f} | {r['to_first_token']:.2f} | {r['wall']:.2f} |")
+    if args.dummy:
+        write_config_only(args.shape, path)
+    else:
+        write_checkpoint(args.shape, path, args.device)
+    print(f"checkpoint ready in {time.perf_counter() - t:.1f} s ({path})", flush=True)
+    environment_facts()
+    child_argv = [path, args.device, dtype, "dummy" if args.dummy else "auto"]
+
+    labels, results = [], []
+    for pythonpath, name in ([(args.compare, "compare")] if args.compare else []) + [
+            (REPO_ROOT, "kvflow")]:
+        for i in range(args.runs):
+            r, _ = run_child(KVFLOW_CHILD, child_argv + [""], pythonpath=pythonpath)
+            labels.append(f"{name} start {i + 1}")
+            results.append(r)
+            print(f"{labels[-1]}: {r['to_first_token']:.2f} s to first token (transformers "
+                  f"imported: {r.get('transformers_imported')})", flush=True)
+    print()
+    print_breakdowns(labels, results)
+    if args.profile:
+        _, err = run_child(KVFLOW_CHILD, child_argv + [""], python_flags=("-X", "importtime"))
+        importtime_summary(err)
+        with tempfile.NamedTemporaryFile(suffix=".prof", delete=False) as f:
+            prof_path = f.name
+        run_child(KVFLOW_CHILD, child_argv + [prof_path])
+        cprofile_summary(prof_path)
+    if not args.skip_hf and not args.dummy:
+        r, _ = run_child(HF_CHILD, [path, args.device, dtype])
+        print("\n| engine | interpreter s | import torch s | import transformers s | load s | "
+              "first token s | new process -> first token s |\n|---|---|---|---|---|---|---|")
+        print(f"| HF from_pretrained + generate | {r['interpreter']:.2f} | {r['import torch']:.2f} "
+              f"| {r['import transformers']:.2f} | {r['load']:.2f} | {r['first_token']:.2f} | "
+              f"{r['to_first_token']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ SHAPES = {
                    attn_config={"alibi": True, "alibi_bias_max": 8, "attn_type":
                                 "multihead_attention", "clip_qkv": None, "qk_ln": False},
                    tie_word_embeddings=True),
+    # Not a real model: a Llama-layout shape small enough for CPU dry runs of every script.
+    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256,
+                 intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=8192,
+                 rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16",
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
 }
 
 ROWS: list[tuple[str, str, str, str]] = []
