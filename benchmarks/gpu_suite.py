@@ -1,11 +1,23 @@
-"""GPU benchmark suite (BENCHMARKS.md): ceilings, L1, T1, M1 with their peers in one run.
+"""GPU benchmark suite (BENCHMARKS.md): ceilings, L1, T1, T2, M1 with their peers in one run.
 
-    python benchmarks/gpu_suite.py [--quick] [--shape llama3-8b|llama3.2-1b|qwen3-0.6b]
+    python benchmarks/gpu_suite.py [--quick] [--shape llama3-8b|llama3.2-1b|qwen3-0.6b|...]
+                                   [--hf-compile] [--trace] [--skip L1,L1hf,T1,T1hf,T2,T2hf]
 
 Random weights of real shapes (``load_format="dummy"``), token-id prompts and
 ``ignore_eos``, so every engine produces the same token counts. Each workload
 runs in its own try block: one failure is reported in the table, the rest run.
 Prints one markdown table at the end (paste it into benchmarks/RESULTS.md).
+
+Workloads: L1 (kvflow, HF eager ``generate``, and with ``--hf-compile`` HF with a
+static cache, whose ``generate`` compiles the decode step with torch.compile: about
+a minute of compiling, so opt-in); T1 (kvflow, HF ``generate_batch``); T2 (1024
+requests, prompt and output lengths uniform in [100, 1024]; ``--quick`` runs its
+first 256; peer: HF ``generate_batch`` on its first 128 requests, per token, not in
+``--quick``, where T1's HF figure is the peer); M1 (KV blocks of T1's engine).
+``--trace`` adds the torch.profiler summary of benchmarks/profile_trace.py (L1 decode
+steps, a T1 run): GPU time in GEMMs, attention, other kernels, copies, host gaps.
+``--quick`` on the Llama-3-8B shape stays under 8 minutes on one H100 without
+``--hf-compile``/``--trace`` (each adds about a minute).
 """
 
 from __future__ import annotations
@@ -183,6 +195,64 @@ def l1_hf(model_dir: str) -> None:
     torch.cuda.empty_cache()
 
 
+def l1_hf_static_compile(model_dir: str) -> None:
+    """HF ``generate`` with ``cache_implementation="static"``: transformers compiles the
+    decode step (torch.compile) itself. TTFT and TPOT come from one 128-token run: a
+    streamer clocks the first generated token, so the static cache keeps one shape and
+    compiles once (warm-ups run the same call)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenClock(BaseStreamer):
+        """Records when generate hands over its first new token (the prompt comes first)."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.first_token_at = 0.0
+
+        def put(self, value) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                torch.cuda.synchronize()
+                self.first_token_at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    model = hf_model(model_dir)
+    rng = random.Random(0)
+    x = torch.tensor([[rng.randrange(1000, TOKEN_ID_MAX) for _ in range(512)]],
+                     device=model.device)
+
+    def run() -> tuple[float, float]:
+        clock = FirstTokenClock()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=128,
+                           min_new_tokens=128, do_sample=False, cache_implementation="static",
+                           streamer=clock)
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        return clock.first_token_at - t, end - t
+
+    try:
+        t = time.perf_counter()
+        run()
+        compile_s = time.perf_counter() - t
+        run()
+        runs = [run() for _ in range(3)]
+        tt = statistics.median(r[0] for r in runs)
+        tot = statistics.median(r[1] for r in runs)
+        engine = "HF static cache + torch.compile"
+        row("L1", engine, "TTFT ms", f"{tt * 1e3:.1f}")
+        row("L1", engine, "out tok/s", f"{127 / (tot - tt):.1f} (first call incl. compile "
+            f"{compile_s:.0f} s)")
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def t1_requests(n: int = 128, out_len: int = 256) -> list[list[int]]:
     random.seed(0)
     lens = [random.randint(100, 1024) for _ in range(n)]
@@ -240,13 +310,99 @@ def t1_hf(model_dir: str) -> None:
         torch.cuda.empty_cache()
 
 
+def t2_requests(n: int = 1024) -> tuple[list[list[int]], list[int]]:
+    """T2's requests: prompt and output lengths uniform in [100, 1024] (``random.seed(0)``)."""
+    random.seed(0)
+    lens = [(random.randint(100, 1024), random.randint(100, 1024)) for _ in range(n)]
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1000, TOKEN_ID_MAX) for _ in range(p)] for p, _ in lens]
+    return prompts, [o for _, o in lens]
+
+
+def t2(model_dir: str, quick: bool) -> None:
+    from kvflow import SamplingParams
+
+    prompts, out_lens = t2_requests()
+    if quick:
+        prompts, out_lens = prompts[:256], out_lens[:256]
+    llm = kvflow_llm(model_dir, max_model_len=2048, max_num_seqs=256)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+              for n in out_lens]
+    items = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(items[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+    def run() -> float:
+        llm.llm_engine.scheduler.kv_cache_manager.pool.reset_prefix_cache()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(items, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    med, lo, hi = median_of(run, 1 if quick else 3)
+    out = sum(out_lens)
+    row("T2", "kvflow", f"out tok/s ({len(prompts)} requests, {out} tokens)",
+        f"{out / med:.0f} (min {out / hi:.0f}, max {out / lo:.0f})")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def t2_hf(model_dir: str) -> None:
+    """HF ``generate_batch`` on T2's first 128 prompts; one max_new_tokens for all (its
+    config is per batch): their mean output length, so the figure is per token."""
+    from transformers import GenerationConfig
+
+    prompts, out_lens = t2_requests()
+    prompts, out_lens = prompts[:128], out_lens[:128]
+    new_tokens = round(statistics.fmean(out_lens))
+    model = hf_model(model_dir)
+    gen_cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                               pad_token_id=0, use_cuda_graph=False)
+    try:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate_batch(inputs=prompts, generation_config=gen_cfg, progress_bar=False)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        row("T2", "HF generate_batch", f"out tok/s ({len(prompts)} requests x {new_tokens} "
+            "tokens)", f"{len(prompts) * new_tokens / dt:.0f}")
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def traces(model_dir: str, quick: bool) -> None:
+    from profile_trace import print_table, run_traces
+
+    n, tokens = (32, 64) if quick else (128, 256)
+    summaries = run_traces(model_dir, "cuda", TOKEN_ID_MAX, l1_steps=32,
+                           t1_requests=t1_requests(n), t1_tokens=tokens)
+    for s in summaries:
+        shares = ", ".join(f"{c} {100 * v / s.wall_ms:.0f}%" for c, v in s.busy_ms.items())
+        row("trace", s.region, "wall ms; GPU shares; host gaps",
+            f"{s.wall_ms:.2f}; {shares}; gaps {100 * s.gaps_ms / s.wall_ms:.0f}%")
+    print_table(summaries)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    ap.add_argument("--skip", default="", help="comma list of workloads to skip (L1,L1hf,T1,T1hf)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of workloads to skip (L1,L1hf,T1,T1hf,T2,T2hf)")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also L1 with HF's static cache + torch.compile (about a minute)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also the torch.profiler summary of an L1 decode step and a T1 run")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        skip.add("T2hf")  # T1's HF figure is the per-token peer in a short lease
+    unknown = skip - {"L1", "L1hf", "T1", "T1hf", "T2", "T2hf"}
+    if unknown:
+        ap.error(f"--skip: unknown workloads {sorted(unknown)}")
     cfg = SHAPES[args.shape]
     global TOKEN_ID_MAX
     TOKEN_ID_MAX = min(TOKEN_ID_MAX, cfg["vocab_size"])
@@ -260,8 +416,13 @@ def main() -> int:
           f"{triton.__version__} | transformers {transformers.__version__} | shape {args.shape}")
     print("| workload | engine | metric | value |\n|---|---|---|---|")
     bw, _ = ceilings()
-    steps = [("L1", lambda: l1(model_dir, cfg, bw, args.quick)), ("L1hf", lambda: l1_hf(model_dir)),
-             ("T1", lambda: t1(model_dir, args.quick)), ("T1hf", lambda: t1_hf(model_dir))]
+    steps = [("L1", lambda: l1(model_dir, cfg, bw, args.quick)), ("L1hf", lambda: l1_hf(model_dir))]
+    if args.hf_compile:
+        steps.append(("L1hfc", lambda: l1_hf_static_compile(model_dir)))
+    steps += [("T1", lambda: t1(model_dir, args.quick)), ("T1hf", lambda: t1_hf(model_dir)),
+              ("T2", lambda: t2(model_dir, args.quick)), ("T2hf", lambda: t2_hf(model_dir))]
+    if args.trace:
+        steps.append(("trace", lambda: traces(model_dir, args.quick)))
     failed = 0
     for name, fn in steps:
         if name in skip:
