@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,35 @@ print(json.dumps({"interpreter": spawn_wall - float(sys.argv[2]), "import torch"
 """
 
 
+def llama_layout(cfg: dict) -> Optional[dict[str, tuple[int, ...]]]:
+    """Checkpoint names and shapes of a Llama-layout config (None for other layouts).
+
+    Spares the parent importing transformers (about 10 s on a fresh GPU machine) just to
+    list the tensors of the shapes C1 uses.
+    """
+    if cfg.get("model_type") != "llama":
+        return None
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * head_dim, h),
+            p + "self_attn.k_proj.weight": (kv * head_dim, h),
+            p + "self_attn.v_proj.weight": (kv * head_dim, h),
+            p + "self_attn.o_proj.weight": (h, heads * head_dim),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
 def write_checkpoint(shape: str, path: str, device: str) -> None:
     """Random bf16 weights of the shape as safetensors shards (once; reused when present)."""
     import torch
@@ -147,10 +177,13 @@ def write_checkpoint(shape: str, path: str, device: str) -> None:
     cfg = SHAPES[shape]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    shapes = llama_layout(cfg)
+    if shapes is None:
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        shapes = {name: tuple(p.shape) for name, p in meta.state_dict().items()}
     shard, size, index, n = {}, 0, {}, 0
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -161,9 +194,9 @@ def write_checkpoint(shape: str, path: str, device: str) -> None:
         index.update({k: name for k in shard})
         shard, size, n = {}, 0, n + 1
 
-    for name, p in meta.state_dict().items():
-        t = torch.empty(p.shape, dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02,
-                                                                              generator=gen)
+    for name, shape_ in shapes.items():
+        t = torch.empty(shape_, dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02,
+                                                                             generator=gen)
         shard[name] = t.cpu()
         size += t.numel() * 2
         if size >= 5 << 30:
