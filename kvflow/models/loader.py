@@ -26,21 +26,15 @@ def _safetensors_files(model_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
 
 
-def iterate_checkpoint(model_dir: str, load_format: str = "auto",
-                       device: torch.device = torch.device("cpu")
+def iterate_checkpoint(model_dir: str, load_format: str = "auto"
                        ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) pairs from the folder's safetensors, else its .bin files.
-
-    safetensors tensors come on ``device``: read straight from the memory-mapped file
-    to the GPU, they skip the host copy that a CPU tensor and then ``copy_`` would make
-    (C1: load time of a 16 GB checkpoint). .bin files always load on the CPU.
-    """
+    """Yields (name, tensor) pairs from the folder's safetensors, else its .bin files."""
     files = _safetensors_files(model_dir) if load_format in ("auto", "safetensors", "gguf") else []
     if files:
         from safetensors import safe_open
 
         for path in files:
-            with safe_open(path, framework="pt", device=str(device)) as f:
+            with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         return
@@ -79,8 +73,7 @@ def load_model(model_config: ModelConfig, ctx: ModelContext, device: torch.devic
     if model_config.load_format == "dummy":
         _init_dummy(model, model_config.seed)
     else:
-        loaded = model.load_weights(iterate_checkpoint(model_config.model,
-                                                       model_config.load_format, device))
+        loaded = model.load_weights(iterate_checkpoint(model_config.model, model_config.load_format))
         missing = sorted(set(n for n, _ in model.named_parameters()) - loaded)
         if missing:
             raise ValueError(f"Checkpoint {model_config.model!r} lacks weights for "
