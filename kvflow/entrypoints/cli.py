@@ -136,7 +136,8 @@ def _serve(ns: argparse.Namespace) -> int:
     server_args = ServerArgs(**server_values, served_model_names=list(names))
     engine_args = engine_args_from(ns, model)
     engine_args.served_model_name = names[0]
-    async_llm = AsyncLLM.from_engine_args(engine_args)
+    async_llm = AsyncLLM.from_engine_args(
+        engine_args, in_process=server_args.disable_frontend_multiprocessing)
     run_server(async_llm, server_args)
     return 0
 

@@ -12,6 +12,7 @@ import time
 from typing import Optional
 
 import httpx
+import psutil
 import pytest
 
 MAX_MODEL_LEN = 512
@@ -94,3 +95,18 @@ def metrics_values(url: str, **headers: str) -> dict[str, float]:
 def metric(values: dict[str, float], name: str) -> float:
     """Sum of every series of ``name`` (any labels)."""
     return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
+def is_running(pid: int) -> bool:
+    """True if ``pid`` is a live process (a zombie awaiting its parent counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def engine_core_pids(pid: int) -> list[int]:
+    """The engine core processes of the server with this pid (its multiprocessing children
+    other than multiprocessing's resource tracker)."""
+    return [child.pid for child in psutil.Process(pid).children()
+            if "spawn_main" in " ".join(child.cmdline())]

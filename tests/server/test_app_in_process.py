@@ -1,5 +1,6 @@
 """``build_app`` in this process through httpx's ASGI transport: the paths a subprocess
-server would need its own start for (no tokenizer, a --chat-template override)."""
+server would need its own start for (no tokenizer, a --chat-template override), with the
+engine in its core process and in this one."""
 
 from __future__ import annotations
 
@@ -57,14 +58,17 @@ def test_without_tokenizer_token_ids_stream(tiny_model):
     _run(llm, ServerArgs(served_model_names=["ids-only"]), scenario)
 
 
-def test_chat_template_override(tiny_model, tmp_path):
+@pytest.mark.parametrize("in_process", [False, True], ids=["core-process", "in-process"])
+def test_chat_template_override(tiny_model, tmp_path, in_process):
     path = tmp_path / "template.jinja"
     path.write_text(TEMPLATE, encoding="utf-8")
     assert load_chat_template(str(path)) == TEMPLATE
     assert load_chat_template(TEMPLATE) == TEMPLATE
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         load_chat_template("no-such-file.jinja")
-    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128))
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128),
+                                    in_process=in_process)
+    assert (llm.engine is not None) == in_process
     messages = [{"role": "user", "content": "Hello"}]
 
     async def scenario(client: httpx.AsyncClient) -> None:

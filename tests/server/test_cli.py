@@ -46,6 +46,7 @@ def test_vllm_flag_names_and_defaults():
     ns = cli.build_parser().parse_args(["serve", "m"])
     assert cli.engine_args_from(ns, "m") == EngineArgs(model="m")
     assert ns.port == 8000 and ns.host is None and ns.api_key is None
+    assert ns.disable_frontend_multiprocessing is False
     assert ns.allowed_origins == ["*"]
     ns = cli.build_parser().parse_args([
         "serve", "m", "--host", "127.0.0.1", "--port", "9001", "--api-key", "k",
@@ -55,7 +56,8 @@ def test_vllm_flag_names_and_defaults():
         "--tensor-parallel-size", "2", "--quantization", "awq", "--dtype", "float16",
         "--no-enable-prefix-caching", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
         "--block-size", "32", "--enforce-eager", "--seed", "3", "--trust-remote-code",
-        "--load-format", "dummy", "--num-gpu-blocks-override", "none"])
+        "--load-format", "dummy", "--num-gpu-blocks-override", "none",
+        "--disable-frontend-multiprocessing"])
     args = cli.engine_args_from(ns, "m")
     assert (args.max_model_len, args.gpu_memory_utilization, args.tensor_parallel_size) == (
         128, 0.5, 2)
@@ -66,8 +68,22 @@ def test_vllm_flag_names_and_defaults():
     assert args.served_model_name == "a" and ns.served_model_name == ["a", "b"]
     assert (ns.host, ns.port, ns.api_key, ns.uvicorn_log_level) == (
         "127.0.0.1", 9001, "k", "warning")
+    assert ns.disable_frontend_multiprocessing is True
     server_fields = {f.name for f in dataclasses.fields(ServerArgs)}
     assert {"host", "port", "api_key", "chat_template", "allowed_origins"} <= server_fields
+
+
+@pytest.mark.parametrize("flags, in_process", [([], False),
+                                               (["--disable-frontend-multiprocessing"], True)])
+def test_serve_runs_the_engine_core_process_unless_told(monkeypatch, flags, in_process):
+    from kvflow.engine.async_llm import AsyncLLM
+
+    made = []
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(
+        lambda cls, args, in_process=False: made.append((args.model, in_process))))
+    monkeypatch.setattr("kvflow.entrypoints.openai.server.run_server", lambda *_: None)
+    assert cli.main(["serve", "m", *flags]) == 0
+    assert made == [("m", in_process)]
 
 
 def test_list_flags_take_vllm_json_form():

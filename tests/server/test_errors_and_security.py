@@ -16,7 +16,7 @@ from typing import Any, Optional
 import httpx
 import openai
 import pytest
-from conftest import ServerProcess, metric, metrics_values
+from conftest import ServerProcess, engine_core_pids, is_running, metric, metrics_values
 
 KEY = "sk-kvflow-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -247,7 +247,8 @@ def test_api_key_with_openai_client(server):
 
 # ---------------------------------------------------------------------------- SIGTERM (last)
 def test_sigterm_aborts_in_flight_and_exits_zero(server):
-    """In-flight requests end (finish_reason "abort"), the process exits 0 promptly."""
+    """In-flight requests end (finish_reason "abort"), the process exits 0 promptly, and
+    its engine core process is gone with it."""
     results: dict[str, Any] = {}
     started = threading.Barrier(4)
 
@@ -277,12 +278,14 @@ def test_sigterm_aborts_in_flight_and_exits_zero(server):
         t.start()
     started.wait(30)  # three streams are under way (and the whole request was sent)
     _wait_running(server, 4)
+    (core_pid,) = engine_core_pids(server.proc.pid)
     t0 = time.monotonic()
     rc = server.stop(timeout=30)
     for t in threads:
         t.join(30)
     assert rc == 0, server.log()
     assert time.monotonic() - t0 < 20
+    assert not is_running(core_pid)
     for i in range(3):
         events = results[f"stream{i}"]
         assert events[-1] == "[DONE]"

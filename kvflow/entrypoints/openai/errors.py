@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvflow.engine.async_llm import EngineDeadError
+from kvflow.engine.core_client import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ def from_value_error(exc: ValueError, known_params: Iterable[str]) -> APIError:
     match = _PARAM_RE.match(message)
     param = match.group(1) if match and match.group(1) in set(known_params) else None
     return APIError(message, 400, param)
+
+
+def stream_error_status(exc: Exception) -> int:
+    """The status of an error that ends a stream after its 200 went out (an SSE event)."""
+    if isinstance(exc, ValueError):
+        return 400
+    return 503 if isinstance(exc, EngineDeadError) else 500
 
 
 # ---------------------------------------------------------------------------- validation
@@ -156,7 +163,8 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, "The engine is shutting down; retry on another replica.")
+        # Shutting down, or its process died: either way this server generates no more.
+        return error_response(503, str(exc) or "The engine is not running.")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -4,13 +4,17 @@ Layers of one request, outside in:
 
     uvicorn ─► CORS ─► API key (401) ─► body size (413) ─► FastAPI: parse + validate (400)
             ─► handler: model (404), prompt/params checks (400) ─► AsyncLLM ─► JSON or SSE
+                                                                      │ pipes
+                                                  the engine core process (engine/core_proc.py)
 
 ``ServerArgs`` holds the options of this layer; ``kvflow serve`` generates its
 flags from these fields as it does the engine's from ``EngineArgs``.
 
 Shutdown (SIGTERM or Ctrl-C): uvicorn stops accepting; at the same moment the
 engine aborts what is in flight, so open streams end with finish_reason
-"abort" and ``[DONE]`` instead of holding the process; the process exits 0.
+"abort" and ``[DONE]`` instead of holding the process; then the engine core
+process exits, and the server exits 0. If the engine core process dies, the
+requests in flight fail and every later one, /health included, gets a 503.
 """
 
 from __future__ import annotations
@@ -93,6 +97,9 @@ class ServerArgs:
     """Bodies over this many bytes get a 413 before they are parsed."""
     timeout_keep_alive: int = 5
     """Seconds an idle keep-alive connection stays open."""
+    disable_frontend_multiprocessing: bool = False
+    """Run the engine in the server's own process (a worker thread) instead of the engine
+    core process; the event loop and the engine then share one GIL."""
     served_model_names: list[str] = field(default_factory=list, metadata={"cli": False})
     """Names clients may use for the model; the first is the one responses carry.
     Set by ``kvflow serve`` from ``--served-model-name`` (default: the model argument)."""
@@ -146,9 +153,12 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
-        """200 while the engine serves; 503 once it is shutting down."""
+        """200 while the engine serves; 503 once it is shutting down or its process died."""
         if state.closing:
             raise APIError("The engine is shutting down.", 503)
+        dead = async_llm.dead_error
+        if dead is not None:
+            raise APIError(str(dead), 503)
         return Response(status_code=200)
 
     @app.get("/version", response_model=VersionResponse)

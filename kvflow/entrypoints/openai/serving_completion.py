@@ -15,7 +15,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
-from kvflow.entrypoints.openai.errors import APIError, error_body, from_value_error
+from kvflow.entrypoints.openai.errors import (
+    APIError,
+    error_body,
+    from_value_error,
+    stream_error_status,
+)
 from kvflow.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -275,7 +280,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                  usage=usage())
                 yield sse_event(final.model_dump_json(exclude_unset=True))
         except Exception as exc:  # after the 200 went out, an error can only be an event
-            status = 400 if isinstance(exc, ValueError) else 500
+            status = stream_error_status(exc)
             yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
         finally:
             await outputs.aclose()

@@ -1,0 +1,381 @@
+"""How ``AsyncLLM`` reaches the engine: in its own process, or in this one.
+
+    AsyncLLM: one asyncio queue per request; generate / abort / shutdown
+        │ add_request · abort · shutdown (async)        ▲ OutputSink callbacks,
+        ▼                                               │ always on the event loop's thread
+    MPCoreClient      the engine core process (core_proc.py) over two pipes; `kvflow serve`
+    InProcCoreClient  the engine stepped in a worker thread of this process; LangChain, tests
+
+Both drive an ``EngineCore``, so a rejected request, a failing step and an
+abort look the same to ``AsyncLLM`` either way. The multiprocess client's
+ends of the pipes are served by two threads, so that the event loop never
+blocks on a pipe: the writer sends what the loop queued (a full pipe waits
+there, not in a request handler), the reader unpickles each ``CoreOutputs``,
+keeps its stats and hands it to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import multiprocessing.util
+import pickle
+import queue
+import threading
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional, Protocol
+
+from kvflow.config import EngineConfig
+from kvflow.engine.core_proc import (
+    AbortRequests,
+    CoreOutputs,
+    CoreReady,
+    Shutdown,
+    StartupFailed,
+    run_engine_core,
+)
+from kvflow.engine.engine_core import AddRequest, EngineCore, RequestFailure
+from kvflow.engine.llm_engine import EngineStats, LLMEngine
+from kvflow.executor.multiproc import describe_exit
+from kvflow.outputs import RequestOutput
+from kvflow.tokenizer import load_tokenizer
+
+logger = logging.getLogger("kvflow.engine")
+
+_STOP_TIMEOUT_S = 10.0
+"""How long the core may take to shut down (its tensor-parallel workers included)
+before it is terminated."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine takes no more requests: it was shut down, or its process died."""
+
+
+SHUT_DOWN_MESSAGE = "The engine is shutting down; retry on another replica."
+
+
+class OutputSink(Protocol):
+    """Where a client delivers what the engine did; called on the event loop's thread only."""
+
+    def on_outputs(self, outputs: list[RequestOutput]) -> None: ...
+
+    def on_failures(self, failures: dict[str, RequestFailure]) -> None: ...
+
+    def on_dead(self, error: EngineDeadError) -> None:
+        """The engine is gone: every request in flight fails with ``error``."""
+
+
+class BaseCoreClient(ABC):
+    """The engine as ``AsyncLLM`` drives it. Coroutines run on the loop ``start`` bound."""
+
+    config: EngineConfig
+
+    @abstractmethod
+    def get_tokenizer(self) -> Any: ...
+
+    @abstractmethod
+    def get_stats(self) -> EngineStats:
+        """Cheap: /metrics calls it on the event loop."""
+
+    @property
+    def dead_error(self) -> Optional[EngineDeadError]:
+        """Set once the engine can take no request (its process died)."""
+        return None
+
+    @abstractmethod
+    def start(self, sink: OutputSink) -> None:
+        """Binds the client to the running event loop; outputs go to ``sink`` from now on."""
+
+    @abstractmethod
+    async def add_request(self, req: AddRequest) -> None:
+        """Queues the request. Its rejection comes to ``sink.on_failures``, never raised."""
+
+    @abstractmethod
+    async def abort(self, request_ids: list[str]) -> None:
+        """Ends the requests and frees their blocks; their final outputs are dropped."""
+
+    @abstractmethod
+    async def shutdown(self, request_ids: list[str]) -> None:
+        """Aborts ``request_ids`` (their final outputs go to the sink), then stops the engine."""
+
+
+# ---------------------------------------------------------------------------- in this process
+class InProcCoreClient(BaseCoreClient):
+    """The engine in this process: one asyncio task runs each step in a worker thread.
+
+    The forward pass releases the GIL, so the event loop keeps serving
+    meanwhile. Adds and aborts take the same lock as a step, so the engine is
+    only ever touched by one thread at a time.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.core = EngineCore(engine)
+        self._sink: Optional[OutputSink] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._wakeup: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._closed = False
+
+    @property
+    def config(self) -> EngineConfig:  # type: ignore[override]
+        return self.engine.config
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.get_tokenizer()
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    def start(self, sink: OutputSink) -> None:
+        self._sink = sink
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+            self._wakeup = asyncio.Event()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def add_request(self, req: AddRequest) -> None:
+        assert self._lock is not None and self._wakeup is not None and self._sink is not None
+        async with self._lock:
+            failure = self.core.add_request(req)
+        if failure is not None:
+            self._sink.on_failures({req.request_id: failure})
+        else:
+            self._wakeup.set()
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if self._lock is None:
+            return
+        async with self._lock:
+            self.core.abort_requests(request_ids)
+
+    async def _run(self) -> None:
+        assert self._lock is not None and self._wakeup is not None and self._sink is not None
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self.core.has_unfinished_requests():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            async with self._lock:
+                outputs, failures = await loop.run_in_executor(None, self.core.step)
+            if failures:
+                self._sink.on_failures(failures)
+            self._sink.on_outputs(outputs)
+            await asyncio.sleep(0)  # let handlers run between steps
+
+    async def shutdown(self, request_ids: list[str]) -> None:
+        self._closed = True
+        if self._lock is not None and self._sink is not None:
+            async with self._lock:
+                self._sink.on_outputs(self.core.abort_requests(request_ids))
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.engine.shutdown()
+
+
+# ---------------------------------------------------------------------------- its own process
+class MPCoreClient(BaseCoreClient):
+    """The engine in the engine core process; this side pickles, sends and routes.
+
+    The tokenizer and the config are loaded here too (chat templates,
+    /tokenize, request checks); the weights only in the core.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        ctx = mp.get_context("spawn")  # a fork would copy this process's CUDA state and threads
+        input_read, self._input = ctx.Pipe(duplex=False)
+        self._output, output_write = ctx.Pipe(duplex=False)
+        # Not a daemon: the core's tensor-parallel workers are its children, and a daemon
+        # may have none. The finalizer below stops it instead, at exit too.
+        self.proc = ctx.Process(target=run_engine_core, name="kvflow-engine-core",
+                                args=(config, input_read, output_write))
+        self.proc.start()
+        # The core holds its own ends now; closing ours makes its death an EOF here.
+        input_read.close()
+        output_write.close()
+        self._outbox: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="kvflow-core-writer",
+                                        daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="kvflow-core-reader",
+                                        daemon=True)
+        # Runs at shutdown(), when this object is collected, and at interpreter exit
+        # before multiprocessing joins its children (exitpriority), which would hang.
+        self._finalizer = multiprocessing.util.Finalize(
+            self, _stop_core, args=(self.proc, self._outbox, self._writer, self._input),
+            exitpriority=10)
+        self._lock = threading.Lock()  # guards _loop/_sink against the reader's _dead
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._sink: Optional[OutputSink] = None
+        self._dead: Optional[EngineDeadError] = None
+        self._stopping = False
+        try:
+            mc = config.model_config
+            # Loaded while the core loads the weights.
+            self._tokenizer = (None if config.skip_tokenizer_init else
+                               load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code))
+            self._stats = self._wait_ready()
+        except BaseException:
+            self._finalizer()
+            raise
+        self._writer.start()
+        self._reader.start()
+        logger.info("engine core process started (pid %s)", self.proc.pid)
+
+    def _wait_ready(self) -> EngineStats:
+        """Blocks until the core reports; raises its startup error here."""
+        multiprocessing.connection.wait([self._output, self.proc.sentinel])
+        msg = None
+        if self._output.poll():  # a reply and an exit both come: the reply says why
+            try:
+                msg = self._output.recv()
+            except EOFError:
+                pass
+        if isinstance(msg, CoreReady):
+            return msg.stats
+        if isinstance(msg, StartupFailed):
+            if msg.failure.is_bad_input:
+                raise ValueError(msg.failure.message)
+            raise RuntimeError(f"The engine core process failed to start: "
+                               f"{msg.failure.message} (its traceback is in the log above).")
+        self.proc.join(1.0)
+        raise RuntimeError(f"The engine core process (pid {self.proc.pid}) "
+                           f"{describe_exit(self.proc.exitcode)} while starting; the log above "
+                           "may say why.")
+
+    # ------------------------------------------------------------------ interface
+    def get_tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def dead_error(self) -> Optional[EngineDeadError]:
+        return self._dead
+
+    def start(self, sink: OutputSink) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._loop not in (None, loop) and not self._loop.is_closed():
+                raise RuntimeError("This AsyncLLM serves another event loop, which is still "
+                                   "open; use one AsyncLLM per event loop.")
+            self._loop, self._sink = loop, sink
+            dead = self._dead
+        if dead is not None:
+            sink.on_dead(dead)
+
+    async def add_request(self, req: AddRequest) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
+        self._send(req)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if self._dead is None and not self._stopping:
+            self._send(AbortRequests(request_ids))
+
+    async def shutdown(self, request_ids: list[str]) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if request_ids and self._dead is None:
+            self._send(AbortRequests(request_ids))
+        loop = asyncio.get_running_loop()
+        # Blocking joins, off the event loop: the core sends the aborts' outputs, exits,
+        # and the reader, at EOF, has handed every message to the loop before it ends.
+        await loop.run_in_executor(None, self._finalizer)
+        if self._reader.ident is not None:
+            await loop.run_in_executor(None, self._reader.join, _STOP_TIMEOUT_S)
+        self._output.close()
+
+    # ------------------------------------------------------------------ threads
+    def _send(self, msg: Any) -> None:
+        # Pickled here, so a message that cannot be sent fails its caller.
+        self._outbox.put(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
+                return
+            try:
+                self._input.send_bytes(data)
+            except OSError:
+                return  # the core is gone; the reader tells
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msg: CoreOutputs = self._output.recv()
+            except (EOFError, OSError):
+                break
+            self._stats = msg.stats
+            self._post(self._dispatch, msg)
+        if self._stopping:
+            error = EngineDeadError(SHUT_DOWN_MESSAGE)
+        else:
+            self.proc.join(_STOP_TIMEOUT_S)  # its exit code names the cause
+            error = EngineDeadError(
+                f"The engine core process (pid {self.proc.pid}) "
+                f"{describe_exit(self.proc.exitcode)}; the requests it held are lost and this "
+                "server can generate no more. Restart it, or retry on another replica.")
+            logger.error("%s", error)
+        with self._lock:
+            self._dead = error
+        if not self._stopping:
+            self._post(self._on_dead, error)
+
+    def _post(self, callback: Callable[[Any], None], arg: Any) -> None:
+        """Runs ``callback(arg)`` on the bound event loop (none bound: no request exists)."""
+        with self._lock:
+            loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(callback, arg)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits for this
+
+    def _dispatch(self, msg: CoreOutputs) -> None:
+        assert self._sink is not None
+        if msg.failures:
+            self._sink.on_failures(msg.failures)
+        if msg.outputs:
+            self._sink.on_outputs(msg.outputs)
+
+    def _on_dead(self, error: EngineDeadError) -> None:
+        assert self._sink is not None
+        self._sink.on_dead(error)
+
+
+def _stop_core(proc: Any, outbox: "queue.SimpleQueue[Optional[bytes]]",
+               writer: threading.Thread, input_conn: multiprocessing.connection.Connection
+               ) -> None:
+    """Asks the core to exit, then terminates, then kills it; leaves no process behind.
+
+    Holds no reference to the client, so it can run when the client is collected.
+    """
+    outbox.put(pickle.dumps(Shutdown(), protocol=pickle.HIGHEST_PROTOCOL))
+    outbox.put(None)
+    if writer.ident is not None:
+        writer.join(_STOP_TIMEOUT_S)
+    input_conn.close()  # a core that missed Shutdown sees EOF
+    proc.join(_STOP_TIMEOUT_S)
+    if proc.is_alive():
+        logger.warning("the engine core process did not exit in %.0f s; terminating it",
+                       _STOP_TIMEOUT_S)
+        proc.terminate()
+        proc.join(2.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
