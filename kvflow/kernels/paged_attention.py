@@ -99,6 +99,25 @@ def choose_num_kv_splits(num_reqs: int, num_kv_heads: int, max_query_len: int, m
     return max(1, min(triton.cdiv(4 * num_sms, num_programs), triton.cdiv(max_seq_len, 256), 64))
 
 
+def graph_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
+    """The split count a CUDA graph of ``batch_size`` decodes is captured with.
+
+    A graph serves every context length, so unlike ``choose_num_kv_splits`` this
+    cannot look at the lengths: split only where B * Hkv programs leave SMs
+    idle, at most 8 ways (a replay at a short context then still gives each
+    partition a few tiles). Large batches get 1: splitting them shortens every
+    program's loop and adds a reduce pass for nothing (T1 in benchmarks/RESULTS.md).
+    """
+    num_programs = batch_size * num_kv_heads
+    if num_programs >= 2 * num_sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * num_sms, num_programs), 8))
+
+
+def num_sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @triton.jit
 def _dot(a, b, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
     # float32 inputs use exact IEEE products (TF32 would miss the 1e-4 tolerance).

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.models.base import CausalLM
+
+if TYPE_CHECKING:  # Triton is only needed (and maybe only installed) on CUDA machines
+    from kvflow.attention.backends.triton import TritonAttentionBackend
 
 logger = logging.getLogger("kvflow")
 
@@ -50,12 +53,16 @@ class CUDAGraphRunner:
     """Captures the model's decode forward per padded batch size; replays it per step."""
 
     def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], *, max_num_seqs: int,
-                 max_model_len: int, block_size: int, device: torch.device) -> None:
+                 max_model_len: int, block_size: int, device: torch.device,
+                 attn_backend: TritonAttentionBackend, num_kv_heads: int) -> None:
         self.model = model
+        self.attn_backend = attn_backend
+        self.num_kv_heads = num_kv_heads
         self.kv_caches = kv_caches
         self.sizes = capture_sizes(max_num_seqs)
         self.max_bs = self.sizes[-1]
         self.max_model_len = max_model_len
+        self.device = device
         self.max_blocks = -(-max_model_len // block_size)
         n = self.max_bs
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -75,9 +82,15 @@ class CUDAGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        from kvflow.kernels.paged_attention import graph_num_kv_splits, num_sms
+
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        backend = self.attn_backend
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+            # A replay keeps the split-KV factor of its capture: pin one per batch size.
+            backend.num_kv_splits = graph_num_kv_splits(bs, self.num_kv_heads,
+                                                        num_sms(self.device))
             md = self._metadata(bs)
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
             stream.wait_stream(torch.cuda.current_stream())
@@ -88,6 +101,7 @@ class CUDAGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model(*args)
             self.graphs[bs] = _Graph(graph, hidden)
+        backend.num_kv_splits = None  # eager steps choose from each step's lengths
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 

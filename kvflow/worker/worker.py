@@ -18,7 +18,6 @@ from kvflow.worker.model_runner import ModelRunner, StepResult
 logger = logging.getLogger("kvflow")
 
 _GIB = 1 << 30
-_GRAPH_KV_SPLITS = 8
 
 
 def create_linear_method_factory(config: EngineConfig):
@@ -45,13 +44,9 @@ class Worker:
         self.device = device if device is not None else config.device_config.device
         mc = config.model_config
         backend = create_attention_backend(config.device_config.attention_backend)
+        self.attn_backend = backend
         self.use_cuda_graphs = (self.device.type == "cuda" and not config.device_config.enforce_eager
                                 and config.device_config.attention_backend == "triton")
-        if self.use_cuda_graphs:
-            from kvflow.attention.backends.triton import TritonAttentionBackend
-
-            # A replayed graph keeps the split-KV factor it was captured with: pin one.
-            backend = TritonAttentionBackend(num_kv_splits=_GRAPH_KV_SPLITS)
         ctx = ModelContext(dtype=mc.dtype, attn_backend=backend,
                            linear_method=create_linear_method_factory(config))
         if self.device.type == "cuda":
@@ -90,7 +85,8 @@ class Worker:
             sc = self.config.scheduler_config
             graphs = CUDAGraphRunner(self.model, kv_caches, max_num_seqs=sc.max_num_seqs,
                                      max_model_len=sc.max_model_len, block_size=cc.block_size,
-                                     device=self.device)
+                                     device=self.device, attn_backend=self.attn_backend,
+                                     num_kv_heads=self.num_kv_heads)
             graphs.capture()
         self.runner = ModelRunner(self.model, kv_caches, cc.block_size, self.device, mc.seed,
                                   graph_runner=graphs)
