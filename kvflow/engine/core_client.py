@@ -28,14 +28,15 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Protocol
 
 from kvflow.config import EngineConfig
-from kvflow.engine.core_proc import (
+from kvflow.engine.core_messages import (
     AbortRequests,
     CoreOutputs,
     CoreReady,
+    OutputDecoder,
     Shutdown,
     StartupFailed,
-    run_engine_core,
 )
+from kvflow.engine.core_proc import run_engine_core
 from kvflow.engine.engine_core import AddRequest, EngineCore, RequestFailure
 from kvflow.engine.llm_engine import EngineStats, LLMEngine
 from kvflow.executor.multiproc import describe_exit
@@ -219,6 +220,7 @@ class MPCoreClient(BaseCoreClient):
         self._sink: Optional[OutputSink] = None
         self._dead: Optional[EngineDeadError] = None
         self._stopping = False
+        self._decoder = OutputDecoder()  # the reader thread's
         try:
             mc = config.model_config
             # Loaded while the core loads the weights.
@@ -320,7 +322,9 @@ class MPCoreClient(BaseCoreClient):
             except (EOFError, OSError):
                 break
             self._stats = msg.stats
-            self._post(self._dispatch, msg)
+            outputs = [self._decoder.decode(wire) for wire in msg.outputs]
+            if outputs or msg.failures:
+                self._post(self._dispatch, (outputs, msg.failures))
         if self._stopping:
             error = EngineDeadError(SHUT_DOWN_MESSAGE)
         else:
@@ -346,12 +350,13 @@ class MPCoreClient(BaseCoreClient):
         except RuntimeError:
             pass  # the loop is closed: nobody waits for this
 
-    def _dispatch(self, msg: CoreOutputs) -> None:
+    def _dispatch(self, turn: tuple[list[RequestOutput], dict[str, RequestFailure]]) -> None:
         assert self._sink is not None
-        if msg.failures:
-            self._sink.on_failures(msg.failures)
-        if msg.outputs:
-            self._sink.on_outputs(msg.outputs)
+        outputs, failures = turn
+        if failures:
+            self._sink.on_failures(failures)
+        if outputs:
+            self._sink.on_outputs(outputs)
 
     def _on_dead(self, error: EngineDeadError) -> None:
         assert self._sink is not None

@@ -4,7 +4,8 @@ The API server's event loop (HTTP, JSON, SSE) and the engine's Python
 (scheduling, batch building, output processing) would otherwise share one
 GIL, and every add or abort would wait for the step in flight. Here the
 engine runs in a spawned child (spawned, not forked: a fork would copy CUDA
-state), and the two sides talk over two one-way pipes of pickled messages::
+state), and the two sides talk over two one-way pipes of pickled messages
+(core_messages.py)::
 
     API process (core_client.MPCoreClient)            engine core (EngineCoreLoop)
     ──────────────────────────────────────            ────────────────────────────
@@ -36,55 +37,24 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from kvflow.config import EngineConfig
+from kvflow.engine.core_messages import (
+    AbortRequests,
+    CoreOutputs,
+    CoreReady,
+    CoreRequest,
+    OutputEncoder,
+    Shutdown,
+    StartupFailed,
+    WireOutput,
+)
 from kvflow.engine.engine_core import AddRequest, EngineCore, RequestFailure
 from kvflow.engine.llm_engine import EngineStats, LLMEngine
-from kvflow.outputs import RequestOutput
 
 logger = logging.getLogger("kvflow.engine")
-
-
-# ---------------------------------------------------------------------------- messages
-@dataclass
-class AbortRequests:
-    request_ids: list[str]
-
-
-@dataclass
-class Shutdown:
-    """Handle nothing after this: send the turn's outputs, shut the engine down, exit."""
-
-
-CoreRequest = Union[AddRequest, AbortRequests, Shutdown]
-"""What the API process sends."""
-
-
-@dataclass
-class CoreOutputs:
-    """One turn of the loop: the outputs of its aborts and its step, the requests it
-    failed (rejected ones included), and the engine's stats after it."""
-
-    outputs: list[RequestOutput]
-    failures: dict[str, RequestFailure]
-    stats: EngineStats
-
-
-@dataclass
-class CoreReady:
-    """The engine is built; the loop is about to read its first message."""
-
-    stats: EngineStats
-
-
-@dataclass
-class StartupFailed:
-    """Building the engine raised; the process exits after sending this."""
-
-    failure: RequestFailure
 
 
 # ---------------------------------------------------------------------------- loop
@@ -95,18 +65,19 @@ class EngineCoreLoop:
         self.core = core
         self.input_conn = input_conn
         self.output_conn = output_conn
+        self.encoder = OutputEncoder()
         self._last_stats: Optional[EngineStats] = None
 
     def run(self) -> None:
         """Returns after ``Shutdown``, or when the API process is gone (a pipe closed)."""
         while True:
             messages, is_closed = self._receive(block=not self.core.has_unfinished_requests())
-            outputs: list[RequestOutput] = []
+            outputs: list[WireOutput] = []
             failures: dict[str, RequestFailure] = {}
             stop = self._handle(messages, outputs, failures)
             if not stop and not is_closed and self.core.has_unfinished_requests():
                 step_outputs, step_failures = self.core.step()
-                outputs.extend(step_outputs)
+                outputs.extend(map(self.encoder.encode, step_outputs))
                 failures.update(step_failures)
             stats = self.core.get_stats()
             # A step that only advanced a prefill chunk still tells of its stats change;
@@ -122,7 +93,7 @@ class EngineCoreLoop:
             if stop or is_closed:
                 return
 
-    def _handle(self, messages: list[CoreRequest], outputs: list[RequestOutput],
+    def _handle(self, messages: list[CoreRequest], outputs: list[WireOutput],
                 failures: dict[str, RequestFailure]) -> bool:
         """Applies the messages in order, up to a Shutdown; True if there was one."""
         for msg in messages:
@@ -133,7 +104,8 @@ class EngineCoreLoop:
                 if failure is not None:
                     failures[msg.request_id] = failure
             elif isinstance(msg, AbortRequests):
-                outputs.extend(self.core.abort_requests(msg.request_ids))
+                outputs.extend(map(self.encoder.encode,
+                                   self.core.abort_requests(msg.request_ids)))
             else:
                 raise AssertionError(f"unknown engine core message {msg!r}")
         return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import signal
 import threading
 import time
@@ -24,7 +25,14 @@ from conftest import ServerProcess, engine_core_pids, is_running
 from kvflow.config import EngineArgs
 from kvflow.engine.async_llm import AsyncLLM, EngineDeadError
 from kvflow.engine.core_client import MPCoreClient
-from kvflow.engine.core_proc import AbortRequests, CoreOutputs, EngineCoreLoop, Shutdown
+from kvflow.engine.core_messages import (
+    AbortRequests,
+    CoreOutputs,
+    OutputDecoder,
+    OutputEncoder,
+    Shutdown,
+)
+from kvflow.engine.core_proc import EngineCoreLoop
 from kvflow.engine.engine_core import AddRequest, EngineCore
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.engine.output_processor import RequestOutputKind
@@ -107,23 +115,57 @@ def test_many_concurrent_streams(core_llm):
 
 
 # ---------------------------------------------------------------------------- the loop itself
-def test_core_loop_contract(tiny_model):
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    """An engine in this process, for the parts of the core that need no process."""
+    engine = LLMEngine.from_engine_args(EngineArgs(model=tiny_model, max_model_len=64))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("kind", list(RequestOutputKind))
+def test_output_codec_round_trip(engine, kind):
+    """Decoded outputs equal the engine's; a request's prompt crosses once."""
+    encoder, decoder = OutputEncoder(), OutputDecoder()
+    params = SamplingParams(n=2, max_tokens=5, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+    engine.add_request("r", "Hello there", params, output_kind=kind)
+    engine.add_request("gone", "Hello", SamplingParams(max_tokens=50), output_kind=kind)
+    wires = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if any(o.request_id == "gone" for o in outputs):
+            outputs += engine.abort_request("gone")
+        for out in outputs:
+            wire = pickle.loads(pickle.dumps(encoder.encode(out)))
+            assert decoder.decode(wire) == out  # metrics too: the decoder's are live
+            wires.append(wire)
+    for request_id in ("r", "gone"):
+        firsts = [w[1] for w in wires if w[0] == request_id]
+        assert firsts[0] is not None and firsts[1:] == [None] * (len(firsts) - 1)
+    assert encoder._num_times_sent == {} and decoder._requests == {}
+
+
+def test_core_loop_contract(engine):
     """Run in a thread of this process: rejection before output, a failing step fails only
     the requests it held and the loop goes on, Shutdown sends the turn's outputs first."""
-    engine = LLMEngine.from_engine_args(EngineArgs(model=tiny_model, max_model_len=64))
     to_core, core_input = Pipe(duplex=False)
     core_output, from_core = Pipe(duplex=False)
     loop = EngineCoreLoop(EngineCore(engine), to_core, from_core)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    real_step = engine.step
 
     def add(rid: str, p: SamplingParams = params) -> None:
         core_input.send(AddRequest(rid, "hi", p, None, DELTA))
 
+    decoder = OutputDecoder()
+
     def next_turn() -> CoreOutputs:
         assert core_output.poll(10)
-        return core_output.recv()
+        turn = core_output.recv()
+        turn.outputs = [decoder.decode(wire) for wire in turn.outputs]
+        return turn
 
     def until(done) -> list[CoreOutputs]:
         turns = [next_turn()]
@@ -140,7 +182,6 @@ def test_core_loop_contract(tiny_model):
         assert turn.outputs == [] and turn.failures["bad"].is_bad_input
         assert turn.failures["bad"].to_exception().args[0].startswith("logprobs=25 exceeds")
 
-        real_step = engine.step
         engine.step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore
         add("a")
         add("b")
@@ -164,9 +205,9 @@ def test_core_loop_contract(tiny_model):
         thread.join(10)
         assert not thread.is_alive()
     finally:
+        engine.step = real_step  # type: ignore[method-assign]
         core_input.close()  # a loop still running sees EOF and returns
         thread.join(10)
-        engine.shutdown()
 
 
 def test_startup_failure_raises_in_the_parent(tiny_model):
