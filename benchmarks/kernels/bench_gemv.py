@@ -49,10 +49,8 @@ SHAPES = {
                   ("down", 4096, 11008), ("lm_head", 32000, 4096)],
 }
 SMOKE_SHAPES = {"toy": [("a", 96, 256), ("b", 264, 384)]}
-TOKENS = (1, 2, 4, 8)
+TOKENS = (1, 2, 4, 8, 16)
 GROUP = 128
-SPLITS = (1, 2, 4, 8)
-AWQ_GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 3e-3}  # of max |reference|
 L2_MARGIN_BYTES = 160 << 20  # weight copies per graph: comfortably past a 50-60 MB L2
 CALLS_PER_GRAPH = 16  # at least; spreads the graph launch's own latency thin
@@ -67,23 +65,17 @@ def fail(message: str) -> None:
 
 
 def bf16_candidates(m: int):
-    """Tile shapes of the bf16 sweep (split-K is swept on top)."""
+    """(tile, splits) of the bf16 sweep, around the shipped table."""
     from kvflow.kernels.gemv import GemvConfig
 
-    dot = [GemvConfig(64, 128, num_warps=4, num_stages=3, use_dot=True),
-           GemvConfig(64, 128, num_warps=4, num_stages=4, use_dot=True),
-           GemvConfig(64, 256, num_warps=4, num_stages=3, use_dot=True),
-           GemvConfig(128, 128, num_warps=4, num_stages=3, use_dot=True),
-           GemvConfig(32, 128, num_warps=4, num_stages=4, use_dot=True),
-           GemvConfig(64, 64, num_warps=4, num_stages=6, use_dot=True)]
-    fma = [GemvConfig(8, 1024, num_warps=4, num_stages=3),
-           GemvConfig(8, 1024, num_warps=4, num_stages=2),
-           GemvConfig(4, 1024, num_warps=4, num_stages=3),
-           GemvConfig(16, 1024, num_warps=4, num_stages=2),
-           GemvConfig(8, 512, num_warps=2, num_stages=3),
-           GemvConfig(4, 512, num_warps=2, num_stages=4),
-           GemvConfig(4, 2048, num_warps=8, num_stages=3)]
-    return (fma + dot) if m == 1 else dot
+    if m == 1:
+        return [(GemvConfig(8, 1024, num_warps=4, num_stages=3), (1, 2)),
+                (GemvConfig(4, 512, num_warps=2, num_stages=4), (1, 2)),
+                (GemvConfig(8, 512, num_warps=2, num_stages=3), (1,)),
+                (GemvConfig(4, 2048, num_warps=8, num_stages=3), (1,))]
+    return [(GemvConfig(64, 256, num_warps=4, num_stages=3, use_dot=True), (1, 2, 4)),
+            (GemvConfig(64, 128, num_warps=4, num_stages=4, use_dot=True), (1, 2, 4)),
+            (GemvConfig(128, 128, num_warps=4, num_stages=3, use_dot=True), (1, 2))]
 
 
 def awq_candidates(m: int):
@@ -92,15 +84,14 @@ def awq_candidates(m: int):
 
     out = []
     if m == 1:
-        for bn, bk, warps, stages, per_step in [(512, 16, 4, 3, False), (512, 16, 4, 4, False),
-                                                (256, 32, 4, 3, False), (256, 16, 2, 3, False),
-                                                (1024, 16, 4, 3, False), (1024, 8, 1, 3, True),
-                                                (2048, 16, 4, 3, True), (4096, 8, 4, 3, True)]:
-            cfg = AWQGemmConfig(1, bn, bk, num_warps=warps, num_stages=stages,
-                                use_tensor_cores=False, reduce_per_step=per_step)
-            out += [(cfg, AWQ_GEMV_SPLITS)]
-    for bn, bk, stages in [(64, 128, 3), (128, 128, 3), (64, 64, 4), (128, 64, 4), (256, 64, 3)]:
-        out.append((AWQGemmConfig(16, bn, bk, num_warps=4, num_stages=stages), SPLITS + (16,)))
+        for vec, bk, warps, stages in [(2, 16, 2, 4), (1, 16, 4, 3), (2, 16, 4, 3), (2, 8, 2, 4),
+                                       (2, 16, 1, 4), (1, 32, 1, 3), (4, 8, 1, 3), (1, 16, 2, 4),
+                                       (2, 32, 1, 3)]:
+            cfg = AWQGemmConfig(1, 256 * warps * vec, bk, num_warps=warps, num_stages=stages,
+                                use_tensor_cores=False)
+            out.append((cfg, (4, 8, 16, 32, 64, 128)))
+    for bn, bk, stages in [(64, 128, 3), (256, 64, 3), (128, 128, 3), (64, 64, 4)]:
+        out.append((AWQGemmConfig(16, bn, bk, num_warps=4, num_stages=stages), (1, 2, 4, 8, 16)))
     return out
 
 
@@ -224,8 +215,8 @@ def bench_bf16(n: int, k: int, m: int, weights: list[torch.Tensor], x: torch.Ten
     if not sweep:
         return row
     results = []
-    for base in bf16_candidates(m):
-        for split in SPLITS:
+    for base, splits in bf16_candidates(m):
+        for split in splits:
             cfg = replace(base, split_k=split)
             t = time_config(lambda i: kernels.gemv(x, weights[i], config=cfg), copies, ref,
                             f"{label} gemv {cfg}", TOL[x.dtype])
@@ -234,10 +225,10 @@ def bench_bf16(n: int, k: int, m: int, weights: list[torch.Tensor], x: torch.Ten
     best_t, best = results[0]
     row["best"], row["best_cfg"] = best_t, asdict(best)
     row["sweep"] = [(t, asdict(c)) for t, c in results]
-    if best.split_k > 1:  # the reduction alternative, on the winning tile
-        atomic = replace(best, atomic_reduce=True)
-        row["best_atomic"] = time_config(lambda i: kernels.gemv(x, weights[i], config=atomic),
-                                         copies, ref, f"{label} gemv {atomic}", TOL[x.dtype])
+    if best.split_k > 1:  # the other split reduction (a second launch), on the winning tile
+        other = replace(best, reduce_in_kernel=False)
+        row["best_sum_kernel"] = time_config(lambda i: kernels.gemv(x, weights[i], config=other),
+                                             copies, ref, f"{label} gemv {other}", TOL[x.dtype])
     half = x.half()
     err = rel_err(kernels.gemv(half, weights[0].half(), config=best),
                   half.float() @ weights[0].half().float().t())
@@ -245,7 +236,8 @@ def bench_bf16(n: int, k: int, m: int, weights: list[torch.Tensor], x: torch.Ten
         fail(f"{label} fp16 gemv {best}: max error {err:.2e}")
     print(f"  sweep bf16 {label}: cuBLAS {row['cublas']:.1f} | default {row['default']:.1f} | "
           + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4])
-          + (f" | atomic {row['best_atomic']:.1f}" if "best_atomic" in row else ""), flush=True)
+          + (f" | sum kernel {row['best_sum_kernel']:.1f}" if "best_sum_kernel" in row else ""),
+          flush=True)
     return row
 
 
@@ -274,19 +266,25 @@ def bench_awq(n: int, k: int, m: int, packed: list[tuple[torch.Tensor, ...]],
                             f"{label} awq {cfg}", TOL[x.dtype])
             results.append((t, cfg))
     results.sort(key=lambda r: r[0])
-    row["best"], row["best_cfg"] = results[0][0], asdict(results[0][1])
+    best_t, best = results[0]
+    row["best"], row["best_cfg"] = best_t, asdict(best)
     row["sweep"] = [(t, asdict(c)) for t, c in results]
+    if best.split_k > 1:  # the other split reduction (a second launch), on the winning tile
+        other = replace(best, reduce_in_kernel=False)
+        row["best_sum_kernel"] = time_config(
+            lambda i: kernels.awq_gemm(x, *packed[i], config=other), copies, ref,
+            f"{label} awq {other}", TOL[x.dtype])
     print(f"  sweep awq {label}: default {row['default']:.1f} | "
-          + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4]), flush=True)
+          + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4])
+          + (f" | sum kernel {row['best_sum_kernel']:.1f}" if "best_sum_kernel" in row else ""),
+          flush=True)
     return row
 
 
 def _short(cfg) -> str:
     d = asdict(cfg)
     kind = ("tc" if d.get("use_tensor_cores") or d.get("use_dot") else "fma")
-    extra = "" if d.get("reduce_per_step", True) else "/acc2d"
-    return (f"{kind}{d['block_n']}x{d['block_k']}s{d['split_k']}"
-            f"w{d['num_warps']}p{d['num_stages']}{extra}")
+    return f"{kind}{d['block_n']}x{d['block_k']}s{d['split_k']}w{d['num_warps']}p{d['num_stages']}"
 
 
 # ---------------------------------------------------------------- compile ahead
@@ -300,8 +298,8 @@ def _warm_worker(jobs: list[tuple[str, int, dict]]) -> int:
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         if kind == "bf16":
             c = gemv.GemvConfig(**cfg)
-            w = torch.randn(max(2 * c.block_n, 64), 1024, device="cuda", dtype=torch.bfloat16)
-            gemv.gemv(x, w, config=c)
+            w = torch.randn(max(2 * c.block_n, 64), 4096, device="cuda", dtype=torch.bfloat16)
+            gemv.gemv(torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16), w, config=c)
         else:
             c = awq_gemm.AWQGemmConfig(**cfg)
             n = max(2 * c.block_n, 64)
@@ -317,12 +315,10 @@ def compile_ahead(tokens: tuple[int, ...], jobs: int) -> None:
     """Every swept config at split 1 and 2 (two kernels: direct and partial stores)."""
     work = []
     for m in sorted({1, 2} & set(tokens)):
-        for base in bf16_candidates(m):
-            for split in (1, 2):
-                work.append(("bf16", m, asdict(replace(base, split_k=split))))
-        for base, _ in awq_candidates(m):
-            for split in (1, 2):
-                work.append(("awq", m, asdict(replace(base, split_k=split))))
+        for kind, candidates in (("bf16", bf16_candidates(m)), ("awq", awq_candidates(m))):
+            for base, _ in candidates:
+                for split in (1, 2):
+                    work.append((kind, m, asdict(replace(base, split_k=split))))
     start = time.perf_counter()
     chunks = [work[i::jobs] for i in range(jobs)]
     ctx = multiprocessing.get_context("spawn")

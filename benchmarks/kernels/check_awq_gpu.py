@@ -1,6 +1,6 @@
 """AWQ int4 kernels on the GPU: correctness against the plain-torch reference, then timings.
 
-    python benchmarks/kernels/check_awq_gpu.py [--quick] [--no-timing] [--sweep]
+    python benchmarks/kernels/check_awq_gpu.py [--quick] [--no-timing]
     TRITON_INTERPRET=1 python benchmarks/kernels/check_awq_gpu.py --smoke   # CPU dry run
 
 1. Correctness (exit status 1 on any mismatch): ``awq_dequantize`` must equal the
@@ -13,8 +13,8 @@
    GEMM, dequantize + cuBLAS, and a bf16 ``F.linear`` on an unquantized weight of
    the same shape, with the fused kernel's bandwidth over the bytes it must read.
    The last lines suggest ``DEFAULT_MAX_FUSED_TOKENS`` (kvflow/quantization/awq.py)
-   from the measured crossover. ``--sweep`` also times a few tile shapes per batch
-   against the default heuristic (kvflow/kernels/awq_gemm.py: default_gemm_config).
+   from the measured crossover. Tile sweeps for decode batches live in
+   benchmarks/kernels/bench_gemv.py.
 
 ``--smoke`` runs the correctness part at toy shapes on the CPU under Triton's
 interpreter: a check of this script, not of the GPU.
@@ -92,7 +92,7 @@ def check_correctness(quick: bool) -> None:
                 ref = x.float() @ w32.t()
                 g = k if group is None else group
                 configs = [kernels.default_gemm_config(m, n, k, g, x.device)]
-                if m <= kernels.GEMV_MAX_TOKENS:  # the tensor-core kernel is a sweep candidate
+                if m <= kernels.GEMV_MAX_TOKENS:  # the tensor-core kernel runs one token too
                     configs.append(kernels.default_gemm_config(16, n, k, g, x.device))
                 for cfg in configs:
                     out = kernels.awq_gemm(x, *packed, config=cfg)
@@ -154,7 +154,7 @@ def bench(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def timings(quick: bool, sweep: bool) -> None:
+def timings(quick: bool) -> None:
     from kvflow.kernels import awq_gemm as kernels
 
     print("\n| model.linear | K | N | M | bf16 F.linear us | AWQ fused us | fused TB/s "
@@ -182,8 +182,6 @@ def timings(quick: bool, sweep: bool) -> None:
             print(f"| {label} | {k} | {n} | {m} | {t_dense * 1e3:.1f} | {t_fused * 1e3:.1f} | "
                   f"{moved / t_fused / 1e9:.2f} | {t_deq * 1e3:.1f} | "
                   f"{t_dense / t_fused:.2f}x | {best} |", flush=True)
-            if sweep and model == "llama3-8b" and m in (1, 4, 16, 64, 256):
-                sweep_configs(x, packed, k, n)
     print()
     for label, m in crossover.items():
         print(f"{label}: dequant+cuBLAS first wins at M={m}" if m else
@@ -197,45 +195,10 @@ def timings(quick: bool, sweep: bool) -> None:
         print(f"suggested DEFAULT_MAX_FUSED_TOKENS: >= {TIMED_BATCHES[-1]}")
 
 
-def sweep_configs(x: torch.Tensor, packed, k: int, n: int) -> None:
-    """Times the default config and a grid of alternatives; prints the three fastest."""
-    import triton
-
-    from kvflow.kernels import awq_gemm as kernels
-
-    m = x.shape[0]
-    default = kernels.default_gemm_config(m, n, k, 128, x.device)
-    results = []
-    candidates = []
-    if m <= kernels.GEMV_MAX_TOKENS:
-        for bn in (64, 128, 256):
-            for bk in (32, 64, 128):
-                for split in (1, 2, 4, 8):
-                    candidates.append(kernels.AWQGemmConfig(
-                        triton.next_power_of_2(m), bn, bk, split, use_tensor_cores=False))
-    for bm in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
-        for bn in (64, 128, 256):
-            for split in (1, 2, 4, 8):
-                candidates.append(kernels.AWQGemmConfig(bm, bn, 128, split,
-                                                        num_warps=4 if bm < 128 else 8))
-    for cfg in candidates:
-        try:
-            t = bench(lambda: kernels.awq_gemm(x, *packed, config=cfg))
-        except Exception as exc:  # out of shared memory or registers: skip it
-            print(f"    skip {cfg}: {type(exc).__name__}")
-            continue
-        results.append((t, cfg))
-    results.sort(key=lambda r: r[0])
-    t_default = bench(lambda: kernels.awq_gemm(x, *packed, config=default))
-    print(f"    sweep M={m}: default {t_default * 1e3:.1f} us {default}; best "
-          + "; ".join(f"{t * 1e3:.1f} us {c}" for t, c in results[:3]))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and batches")
     ap.add_argument("--no-timing", action="store_true", help="correctness only")
-    ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes")
     ap.add_argument("--smoke", action="store_true",
                     help="toy shapes on CPU under TRITON_INTERPRET=1 (checks the script only)")
     args = ap.parse_args()
@@ -258,7 +221,7 @@ def main() -> int:
     check_correctness(args.quick)
     check_linear_method_and_graphs()
     if not args.no_timing:
-        timings(args.quick, args.sweep)
+        timings(args.quick)
     if FAILURES:
         print(f"\n{len(FAILURES)} check(s) failed:")
         for message in FAILURES:

@@ -28,6 +28,7 @@ uses ``tl.dot``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -36,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.kernels.gemv import sum_splits
+from kvflow.kernels.gemv import (SPLIT_SUM_KERNEL, k_split, split_buffers, split_k_epilogue,
+                                 sum_splits)
 
 _PACK = 8
 
@@ -85,87 +87,73 @@ def _exact_float(codes):
 
 @triton.jit
 def _awq_gemv_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
-    N, K, group_size, k_per_split, chunk, stride_os,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, STORE_PARTIAL: tl.constexpr, REDUCE_PER_STEP: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    N, K, k_per_split, num_splits,
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One token against BLOCK_N output columns over K range s of program (n, s).
 
     Grid: ``(cdiv(N, BLOCK_N), S)``; program s covers [s * k_per_split, + k_per_split).
-    The range is walked in chunks of ``chunk`` = min(G, k_per_split) features, which
-    the launcher makes divide G or be a multiple of it, so a chunk lies in one group::
+    A step is BLOCK_K rows of one group g, read one row at a time::
 
-        for each chunk (one group g):          acc_g[n] = sum_k x[k] * q[k, n]
-            for each BLOCK_K rows of it:       xsum     = sum_k x[k]
-        acc[n] += s[g, n] * (acc_g[n] - z[g, n] * xsum)
+        dots[n] = sum_k x[k] * (1 + q[k, n] / 16)        (codes as floats: _mantissas)
+        acc[n] += 16 * s[g, n] * (dots[n] - (1 + z[g, n] / 16) * sum_k x[k])
+
+    which is sum_k x[k] * (q - z) * s. Each thread owns VEC packed columns, so a
+    row is one load per thread and dots a chain of FMAs in its registers (a
+    [BLOCK_K, BLOCK_N] tile summed with tl.sum costs a multiply-add tree instead);
+    the loop is one flat pipelined walk (a loop per group would drain the pipeline
+    at every group).
 
     Constexprs:
-      BLOCK_N: output columns per program, a multiple of 8 (whole int32s of qweight).
-      BLOCK_K: rows per step; divides ``chunk``.
-      HAS_BIAS: add bias[n] before the cast (not with STORE_PARTIAL: the reducer adds it).
-      STORE_PARTIAL: store float32 partial sums at out + s * stride_os instead of y.
-      REDUCE_PER_STEP: sum each step's [BLOCK_K, BLOCK_N] products over K at once
-        (cheap when Triton keeps a column's K rows in one thread) rather than once
-        per chunk (which keeps BLOCK_K x BLOCK_N float32 accumulators live).
-      NUM_STAGES: qweight tiles in flight (cp.async through shared memory); Triton
-        pipelines only loops that ask for it when no tl.dot is in them.
+      GROUP_SIZE: rows per group, a power of two (a group over all of K is passed as
+        any power of two >= K), so the group of a row is a shift.
+      BLOCK_N: output columns per program: 8 * VEC * 32 * num_warps.
+      BLOCK_K: rows per step; divides GROUP_SIZE, K and k_per_split (rows are not masked).
+      VEC: int32s of a row each thread loads (1, 2 or 4: 4, 8 or 16 bytes).
+      HAS_BIAS, SPLIT_MODE: as in ``kvflow.kernels.gemv.split_k_epilogue``.
+      NUM_STAGES: steps in flight (cp.async through shared memory); Triton pipelines
+        a loop without tl.dot only when asked.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     PACKED_N: tl.constexpr = BLOCK_N // 8
     packed_n = N // 8
-    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_pn = offs_pn < packed_n
-    mask_n = offs_n < N
+    # The hint caps the vector width at VEC: Triton would otherwise give a thread 16
+    # bytes of a row and spread the rest of the tile over fewer columns.
+    offs_pn = tl.max_contiguous(pid_n * PACKED_N + tl.arange(0, PACKED_N), VEC)[None, :]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask_pn = offs_pn < packed_n  # [1, BN/8]
+    mask_n = offs_n < N  # [1, BN]
     k_start = pid_s * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(k_start, k_end, chunk):
-        c1 = tl.minimum(c0 + chunk, k_end)
-        if REDUCE_PER_STEP:
-            acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        else:
-            acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in tl.range(c0, c1, BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < c1
-            q = tl.load(qweight_ptr + offs_k[:, None].to(tl.int64) * packed_n + offs_pn[None, :],
-                        mask=mask_k[:, None] & mask_pn[None, :], other=0)  # [BK, BN/8]
-            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-            prod = x[:, None] * _mantissas(q, BLOCK_K, PACKED_N)  # [BK, BN]
-            if REDUCE_PER_STEP:
-                acc_g += tl.sum(prod, axis=0)
-            else:
-                acc_g += prod
+    # Row pointers walk down K (cheaper than a 64-bit product per row and step).
+    q_ptrs = qweight_ptr + k_start.to(tl.int64) * packed_n + offs_pn
+    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        dots = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+        xsum = 0.0
+        for row in tl.static_range(BLOCK_K):
+            q = tl.load(q_ptrs + row * packed_n, mask=mask_pn, other=0)  # [1, BN/8]
+            x = tl.load(x_ptr + k0 + row).to(tl.float32)
+            dots += x * _mantissas(q, 1, PACKED_N)
             xsum += x
-        if not REDUCE_PER_STEP:
-            acc_g = tl.sum(acc_g, axis=0)
-        group = c0 // group_size
-        z = tl.load(qzeros_ptr + group * packed_n + offs_pn, mask=mask_pn, other=0)  # [BN/8]
-        zeros = tl.reshape(_mantissas(z[None, :], 1, PACKED_N), (BLOCK_N,))  # 1 + z / 16
+        group = k0 // GROUP_SIZE
+        z = tl.load(qzeros_ptr + group * packed_n + offs_pn, mask=mask_pn, other=0)
         s = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        # acc_g = sum x * (1 + q/16): sum x * (q - z) = 16 * (acc_g - (1 + z/16) * sum x)
-        acc += (16.0 * s) * (acc_g - zeros * tl.sum(xsum, axis=0))
-    out_ptrs = out_ptr + pid_s * stride_os + offs_n
-    if STORE_PARTIAL:
-        tl.store(out_ptrs, acc, mask=mask_n)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        acc += (16.0 * s) * (dots - _mantissas(z, 1, PACKED_N) * xsum)  # 1 + z/16 per column
+        q_ptrs += BLOCK_K * packed_n
+    split_k_epilogue(acc, offs_n, offs_n, mask_n, pid_s, num_splits, N, out_ptr, bias_ptr,
+                     partial_ptr, counter_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit
 def _awq_gemm_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
-    M, N, K, group_size, k_per_split,
-    stride_xm, stride_os, stride_om,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, group_size, k_per_split, num_splits, stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, STORE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over K range s, on tensor cores.
 
@@ -176,7 +164,7 @@ def _awq_gemm_kernel(
       BLOCK_N: output columns per tile; a multiple of 8 (whole int32s of qweight).
       BLOCK_K: input features per step; divides ``group_size`` (or K is one group)
                and ``k_per_split``, so a step reads one row of qzeros and scales.
-      HAS_BIAS, STORE_PARTIAL: as in ``_awq_gemv_kernel``.
+      HAS_BIAS, SPLIT_MODE: as in ``kvflow.kernels.gemv.split_k_epilogue``.
       UPCAST:  CPU interpreter only: it multiplies bfloat16 tl.dot operands as raw
                bits, so the rounded operands are widened to float32 first (their
                products are exact there, as in the tensor cores).
@@ -213,15 +201,10 @@ def _awq_gemm_kernel(
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-    out_ptrs = (out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
-                + offs_n[None, :])
-    mask = mask_m[:, None] & mask_n[None, :]
-    if STORE_PARTIAL:
-        tl.store(out_ptrs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = offs_m[:, None] * N + offs_n[None, :]  # into y [M, N]
+    split_k_epilogue(acc, offs, offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_s,
+                     num_splits, M * N, out_ptr, bias_ptr, partial_ptr, counter_ptr,
+                     HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit
@@ -278,9 +261,11 @@ class AWQGemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     use_tensor_cores: bool = True
-    """True: ``_awq_gemm_kernel`` (tl.dot); False: ``_awq_gemv_kernel`` (block_m = 1)."""
-    reduce_per_step: bool = True
-    """``_awq_gemv_kernel``'s REDUCE_PER_STEP."""
+    """True: ``_awq_gemm_kernel`` (tl.dot); False: ``_awq_gemv_kernel`` (block_m = 1,
+    block_n = 256 * num_warps * VEC with VEC in 1, 2, 4)."""
+    reduce_in_kernel: bool = True
+    """Split-K partials added by the last program of each tile (one launch) rather
+    than by ``sum_splits`` (a second launch)."""
 
 
 @lru_cache(maxsize=8)
@@ -291,52 +276,49 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _largest_block_dividing(num: int, block: int) -> int:
+    while num % block:
+        block //= 2
+    return block
+
+
 @lru_cache(maxsize=4096)
 def default_gemm_config(m: int, n: int, k: int, group_size: int,
                         device: torch.device) -> AWQGemmConfig:
-    """A kernel and tile shape for the problem: first guesses, to be tuned on the GPU.
+    """The kernel and tile measured best on an H100 (benchmarks/kernels/bench_gemv.py).
 
-    One token: the CUDA-core GEMV; more: tensor-core tiles, square once M is large.
-    Few tiles are split over K until the grid covers the SMs twice (decode is bound
-    by weight reads, so every SM should stream qweight).
+    One token: the CUDA-core GEMV, split over K until the grid holds about four
+    warps per SM. 2..16 tokens: tensor-core tiles, wide (256 columns: 128 bytes of
+    qweight a row) when N is large, else 64 columns split 4-8 ways over K (split
+    reduction in the kernel). More tokens: square tiles, split while they are few.
     """
-    block_k = min(128, group_size) if group_size < k else 128
-    use_tensor_cores = m > GEMV_MAX_TOKENS
-    if not use_tensor_cores:
-        block_m, block_n, block_k, warps = 1, 1024, 16, 1
-    elif m <= 16:
-        block_m, block_n, warps = 16, 128, 4
-    elif m <= 32:
+    sms = _num_sms(device)
+    if m <= GEMV_MAX_TOKENS:
+        block_n, warps = 1024, 2
+        block_k = _largest_block_dividing(math.gcd(k, group_size), 16)
+        split_k = 1
+        while (triton.cdiv(n, block_n) * split_k * warps < 4 * sms
+               and split_k * 2 <= k // block_k):
+            split_k *= 2
+        return AWQGemmConfig(1, block_n, block_k, split_k, num_warps=warps, num_stages=4,
+                             use_tensor_cores=False)
+    group_block = min(128, group_size) if group_size < k else 128
+    if m <= 16:
+        if n > 8192:
+            return AWQGemmConfig(16, 256, min(64, group_block), split_k=8)
+        return AWQGemmConfig(16, 64, group_block, split_k=8 if k > 8192 else 4)
+    if m <= 32:
         block_m, block_n, warps = 32, 128, 4
     elif m <= 64:
         block_m, block_n, warps = 64, 128, 4
     else:
         block_m, block_n, warps = 128, 128, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, block_k)
-    sms = _num_sms(device)
+    steps = triton.cdiv(k, group_block)
     split_k = 1
     while tiles * split_k < 2 * sms and split_k * 2 <= steps:
         split_k *= 2
-    return AWQGemmConfig(block_m, block_n, block_k, split_k, num_warps=warps,
-                         use_tensor_cores=use_tensor_cores)
-
-
-def k_split(num_in: int, group_size: int, block_k: int, split_k: int) -> tuple[int, int]:
-    """(features per split, number of splits) for about ``split_k`` splits of K.
-
-    A split's length is a multiple of block_k and either a multiple of the group
-    size or a divisor of it (halving the group), so the GEMV's chunks never straddle
-    two groups; when K does not allow that many splits, fewer are made.
-    """
-    target = triton.cdiv(num_in, split_k)
-    if target >= group_size:
-        per_split = triton.cdiv(target, group_size) * group_size
-    else:
-        per_split = group_size
-        while per_split % 2 == 0 and per_split // 2 >= target and (per_split // 2) % block_k == 0:
-            per_split //= 2
-    return per_split, triton.cdiv(num_in, per_split)
+    return AWQGemmConfig(block_m, block_n, group_block, split_k, num_warps=warps)
 
 
 def _check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
@@ -384,37 +366,37 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     assert cfg.block_n % _PACK == 0 and cfg.block_k >= 8, cfg
     assert group % cfg.block_k == 0 or group == num_in, (
         f"block_k={cfg.block_k} must divide group_size={group} (or K={num_in} be one group)")
-    per_split, num_splits = k_split(num_in, group, cfg.block_k, cfg.split_k)
-    if num_splits > 1:
-        target = torch.empty(num_splits, num_tokens, num_out, dtype=torch.float32,
-                             device=x.device)
-    else:
-        target = out
-    has_bias = bias is not None and num_splits == 1
+    per_split, num_splits = k_split(num_in, cfg.block_k, cfg.split_k)
+    numel = num_tokens * num_out
+    mode, partial, counters = split_buffers(num_splits, numel, cfg.reduce_in_kernel, x.device)
+    has_bias = bias is not None and mode != SPLIT_SUM_KERNEL
     bias_arg = bias if bias is not None else out
-    stride_split = target.stride(0) if num_splits > 1 else 0
     if cfg.use_tensor_cores:
         assert min(cfg.block_m, cfg.block_n) >= 16, f"tl.dot needs 16x16 tiles: {cfg}"
         grid = (triton.cdiv(num_tokens, cfg.block_m), triton.cdiv(num_out, cfg.block_n),
                 num_splits)
         _awq_gemm_kernel[grid](
-            x, qweight, qzeros, scales, bias_arg, target,
-            num_tokens, num_out, num_in, group, per_split,
-            x.stride(0), stride_split, target.stride(-2),
+            x, qweight, qzeros, scales, bias_arg, out, partial, counters,
+            num_tokens, num_out, num_in, group, per_split, num_splits, x.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            HAS_BIAS=has_bias, STORE_PARTIAL=num_splits > 1, UPCAST=x.device.type != "cuda",
+            HAS_BIAS=has_bias, SPLIT_MODE=mode, UPCAST=x.device.type != "cuda",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         assert num_tokens == 1 == cfg.block_m, f"the GEMV runs one token: M={num_tokens}, {cfg}"
+        vec = cfg.block_n // (8 * 32 * cfg.num_warps)
+        assert vec in (1, 2, 4) and cfg.block_n == 256 * cfg.num_warps * vec, (
+            f"the GEMV needs block_n = 256 * num_warps * (1, 2 or 4): {cfg}")
+        assert num_in % cfg.block_k == 0, f"block_k={cfg.block_k} must divide K={num_in}"
+        assert group == num_in or group & (group - 1) == 0, f"group_size={group}: a power of 2"
         grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
         _awq_gemv_kernel[grid](
-            x, qweight, qzeros, scales, bias_arg, target,
-            num_out, num_in, group, per_split, min(group, per_split), stride_split,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=has_bias,
-            STORE_PARTIAL=num_splits > 1, REDUCE_PER_STEP=cfg.reduce_per_step,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if num_splits > 1:
-        sum_splits(target, bias, out)
+            x, qweight, qzeros, scales, bias_arg, out, partial, counters,
+            num_out, num_in, per_split, num_splits,
+            GROUP_SIZE=triton.next_power_of_2(group), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            VEC=vec, HAS_BIAS=has_bias, SPLIT_MODE=mode, NUM_STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if mode == SPLIT_SUM_KERNEL:
+        sum_splits(partial.view(num_splits, num_tokens, num_out), bias, out)
     return out
 
 

@@ -4,31 +4,26 @@ Shape letters: M = tokens (1..16), K = input features, N = output features,
 S = K splits. W is nn.Linear's [N, K], row-major; x is [M, K] with unit stride along K.
 
 At a few tokens a step the matmul reads every weight once and does little
-else, so it runs at the speed of the weight stream. cuBLAS reaches 1.45-2.8
-of the H100's 3.0 TB/s on Llama shapes; the kernel here is built to keep
-every SM pulling bytes:
-
-* each program reads a [BLOCK_N, BLOCK_K] tile of W per step, K contiguous,
-  so a thread loads 16 bytes at a time;
-* when N / BLOCK_N programs are too few to cover the SMs, S programs share
-  one tile's K range (split-K) and write float32 partial sums that a second,
-  tiny kernel adds up in split order (deterministic; no atomics, no zeroing);
-* the per-shape tile comes from ``default_gemv_config``, a table measured on
-  an H100 (benchmarks/kernels/bench_gemv.py), not from run-time autotuning:
-  start-up time matters and the shapes of a model are few.
-
-Two inner products share the walk over K::
+else, so it runs at the speed of the weight stream. Each program reads a
+[BLOCK_N, BLOCK_K] tile of W per step, K contiguous (16-byte loads), with
+NUM_STAGES tiles in flight::
 
          K ->                                 programs
     W  [BLOCK_N, BLOCK_K] ... (one tile)      grid = (cdiv(N, BLOCK_N), S)
     x  [BLOCK_M, BLOCK_K]                     program (n, s) covers rows
     y  [BLOCK_M, BLOCK_N] += x @ W_tile.T     n*BLOCK_N.. and K range s
 
-``USE_DOT=False`` multiplies on the CUDA cores in float32 (every M); ``USE_DOT=True``
-pads the tokens to BLOCK_M >= 16 and uses ``tl.dot`` (tensor cores), which
-costs nothing extra in a memory-bound loop and keeps registers small as M grows.
-Everything launched is graph-capturable: no host syncs and no data-dependent
-host logic (the split buffer's shape depends on shapes only).
+``USE_DOT=False`` (one token) multiplies on the CUDA cores in float32;
+``USE_DOT=True`` pads the tokens to BLOCK_M >= 16 and uses ``tl.dot`` (tensor
+cores), which costs nothing in a memory-bound loop and keeps registers small
+as M grows. When N / BLOCK_N programs are too few to cover the SMs, S programs
+share a tile's K range (split-K); ``split_k_epilogue`` adds their float32
+partial sums in split order, in the same launch (the AWQ kernels use it too).
+
+The tile per shape comes from ``default_gemv_config``, measured on an H100
+(benchmarks/kernels/bench_gemv.py), not from run-time autotuning: start-up time
+matters and a model has few shapes. Every launch is graph-capturable: no host
+syncs, no data-dependent host logic.
 """
 
 from __future__ import annotations
@@ -45,14 +40,57 @@ MAX_TOKENS = 16
 """The kernel holds all tokens of a batch in one program; larger batches belong to cuBLAS."""
 
 
+SPLIT_NONE, SPLIT_SUM_KERNEL, SPLIT_LAST_REDUCES = 0, 1, 2
+"""``SPLIT_MODE`` values: one program per output tile; float32 partial sums that
+``sum_splits`` adds up in a second launch; partial sums that the last program to
+finish a tile adds up itself (one launch)."""
+
+
+@triton.jit
+def split_k_epilogue(acc, offs, bias_offs, mask, pid_s, num_splits, numel,
+                     out_ptr, bias_ptr, partial_ptr, counter_ptr,
+                     HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr):
+    """Writes y[offs] = acc (+ bias[bias_offs]) from a float32 tile of partial sums.
+
+    ``offs`` index the contiguous output y (numel elements); split ``pid_s`` of
+    ``num_splits`` holds its own sum over a K range. With SPLIT_LAST_REDUCES::
+
+        store partial[pid_s, offs]          every split, float32
+        arrivals = atomic_add(counter[offs], 1)   acq_rel: orders the store before,
+                                                  and the other splits' stores after
+        last split (arrivals == S - 1): y = sum over s = 0..S-1 of partial[s] in order
+                                        (+ bias), counter[offs] = 0 for the next call
+
+    Each element is counted by the thread that stored it, so no barrier is needed;
+    the sum order is fixed, so the result does not depend on which split ends last.
+    ``counter`` must be zero on entry (``split_counters``) and is zero again on exit.
+    """
+    if SPLIT_MODE == 1:
+        tl.store(partial_ptr + pid_s * numel + offs, acc, mask=mask)
+    else:
+        store_mask = mask
+        if SPLIT_MODE == 2:
+            tl.store(partial_ptr + pid_s * numel + offs, acc, mask=mask)
+            arrivals = tl.atomic_add(counter_ptr + offs, 1, mask=mask, sem="acq_rel")
+            store_mask = mask & (arrivals == num_splits - 1)
+            acc = tl.zeros_like(acc)
+            for split in range(num_splits):
+                acc += tl.load(partial_ptr + split * numel + offs, mask=store_mask, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(counter_ptr + offs, 0, mask=store_mask)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bias_offs, mask=store_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split,
-    stride_xm, stride_wn, stride_os, stride_om,
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, k_per_split, num_splits,
+    stride_xm, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PARTIAL: tl.constexpr,
-    DOT_IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
+    USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    DOT_IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """y[:, tile] over K range [s * k_per_split, (s + 1) * k_per_split) of program (n, s).
 
@@ -63,12 +101,10 @@ def _gemv_kernel(
       BLOCK_N: weight rows (outputs) per program.
       BLOCK_K: input features per step; ``k_per_split`` is a multiple of it.
       USE_DOT: tensor cores (``tl.dot``) instead of float32 CUDA-core FMAs.
-      HAS_BIAS: add bias[n] before the cast (not with STORE_PARTIAL: the reducer adds it).
-      STORE_PARTIAL: store float32 partial sums at out + s * stride_os instead of y.
+      HAS_BIAS, SPLIT_MODE: as in ``split_k_epilogue``.
       DOT_IEEE: multiply in float32 without tf32 rounding: for float32 inputs, and in
               the CPU interpreter, which multiplies bfloat16 ``tl.dot`` operands as
               raw bits (widening first keeps the products exact).
-      ATOMIC: with STORE_PARTIAL, add into one zeroed float32 [M, N] buffer instead.
       NUM_STAGES: W tiles in flight (cp.async through shared memory); without a
               tl.dot in the loop Triton pipelines it only when asked.
     """
@@ -107,18 +143,10 @@ def _gemv_kernel(
         acc = tl.trans(acc)  # [BM, BN]
     else:
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-    out_ptrs = (out_ptr + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
-                + offs_n[None, :])
-    mask = mask_m[:, None] & mask_n[None, :]
-    if STORE_PARTIAL:
-        if ATOMIC:
-            tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
-        else:
-            tl.store(out_ptrs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = offs_m[:, None] * N + offs_n[None, :]  # into y [M, N]
+    split_k_epilogue(acc, offs, offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_s,
+                     num_splits, M * N, out_ptr, bias_ptr, partial_ptr, counter_ptr,
+                     HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit
@@ -151,31 +179,70 @@ class GemvConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 3
-    atomic_reduce: bool = False
-    """Split-K partials: fp32 atomics into a zeroed buffer (True) or one slice per split."""
-
-
-@lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the CPU interpreter: small, so tests exercise split-K
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    reduce_in_kernel: bool = True
+    """Split-K partials added by the last program of each tile (one launch) rather
+    than by ``sum_splits`` (a second launch)."""
 
 
 @lru_cache(maxsize=4096)
 def default_gemv_config(m: int, n: int, k: int, dtype: torch.dtype,
                         device: torch.device) -> GemvConfig:
-    """A tile for the problem; first guesses until the H100 table replaces them."""
-    sms = _num_sms(device)
-    use_dot = m > 1
-    block_n, block_k = (64, 128) if use_dot else (8, 1024)
-    tiles = triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, block_k)
-    split_k = 1
-    while tiles * split_k < 2 * sms and split_k * 2 <= steps:
-        split_k *= 2
-    return GemvConfig(block_n, block_k, split_k, use_dot=use_dot)
+    """The tile measured best on an H100 (benchmarks/kernels/bench_gemv.py, Llama-2/3 shapes).
+
+    One token: the CUDA-core path, 8 rows x 1024 features a step, no split: with
+    rows this narrow N / 8 >= 512 programs already cover the 132 SMs, and a split
+    only adds the partial-sum traffic (qkv 19.1 us at 1 split vs 21.3 at 2). Within
+    2% of the best of 28 tiles on every shape. More tokens: tl.dot on 64 x 256
+    tiles; split 2 only when K is long and N small (down: 42.9 vs 45.8 us).
+    """
+    del dtype, device  # one table serves fp16/bf16 (float32 runs the same tiles)
+    if m == 1:
+        return GemvConfig(block_n=8, block_k=1024, split_k=1, num_warps=4, num_stages=3)
+    split_k = 2 if k >= 8192 and n <= 8192 else 1
+    return GemvConfig(block_n=64, block_k=256, split_k=split_k, use_dot=True, num_warps=4,
+                      num_stages=3)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, numel: int) -> torch.Tensor:
+    """The zeroed int32 arrival counters of ``split_k_epilogue`` (at least ``numel``).
+
+    One buffer per device, shared by every launch: kernels on one stream run one
+    after another and each leaves the counters it used at zero. It grows only
+    outside CUDA-graph capture (the warm-up call before a capture sizes it), so a
+    captured graph never refers to memory of its own pool.
+    """
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < numel:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), (
+            f"split-K counters must grow to {numel} during CUDA graph capture; run the "
+            "same shapes once before capturing")
+        counters = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+def split_buffers(num_splits: int, numel: int, in_kernel: bool, device: torch.device
+                  ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(SPLIT_MODE, partial sums [S, numel] float32, counters) for a launch with
+    ``num_splits`` splits; placeholders (never read) when there is one split."""
+    if num_splits == 1:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return SPLIT_NONE, empty, empty
+    partial = torch.empty(num_splits, numel, dtype=torch.float32, device=device)
+    if in_kernel:
+        return SPLIT_LAST_REDUCES, partial, split_counters(device, numel)
+    return SPLIT_SUM_KERNEL, partial, partial
+
+
+def k_split(num_in: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(features per split, number of splits): about ``split_k`` ranges of whole
+    BLOCK_K steps, fewer when K has fewer steps than that."""
+    steps = triton.cdiv(num_in, block_k)
+    per_split = triton.cdiv(steps, min(split_k, steps)) * block_k
+    return per_split, triton.cdiv(num_in, per_split)
 
 
 def _block_m(num_tokens: int, use_dot: bool) -> int:
@@ -205,31 +272,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         return out
     cfg = config or default_gemv_config(num_tokens, num_out, num_in, x.dtype, x.device)
     assert cfg.use_dot or num_tokens == 1, f"the CUDA-core path runs one token: {cfg}"
-    steps = triton.cdiv(num_in, cfg.block_k)
-    k_per_split = triton.cdiv(steps, min(cfg.split_k, steps)) * cfg.block_k
-    num_splits = triton.cdiv(num_in, k_per_split)
-    block_m = _block_m(num_tokens, cfg.use_dot)
-    if num_splits > 1 and cfg.atomic_reduce:
-        target = torch.zeros(1, num_tokens, num_out, dtype=torch.float32, device=x.device)
-    elif num_splits > 1:
-        target = torch.empty(num_splits, num_tokens, num_out, dtype=torch.float32, device=x.device)
-    else:
-        target = out
-    has_bias = bias is not None
+    k_per_split, num_splits = k_split(num_in, cfg.block_k, cfg.split_k)
+    numel = num_tokens * num_out
+    mode, partial, counters = split_buffers(num_splits, numel, cfg.reduce_in_kernel, x.device)
     grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
     _gemv_kernel[grid](
-        x, weight, bias if has_bias else x, target,
-        num_tokens, num_out, num_in, k_per_split,
-        x.stride(0), weight.stride(0),
-        target.stride(0) if num_splits > 1 and not cfg.atomic_reduce else 0,
-        target.stride(-2),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot, HAS_BIAS=has_bias and num_splits == 1,
-        STORE_PARTIAL=num_splits > 1,
-        DOT_IEEE=x.device.type != "cuda" or x.dtype == torch.float32,
-        NUM_STAGES=cfg.num_stages, ATOMIC=cfg.atomic_reduce, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if num_splits > 1:
-        sum_splits(target, bias, out)
+        x, weight, bias if bias is not None else out, out, partial, counters,
+        num_tokens, num_out, num_in, k_per_split, num_splits, x.stride(0), weight.stride(0),
+        BLOCK_M=_block_m(num_tokens, cfg.use_dot), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_DOT=cfg.use_dot, HAS_BIAS=bias is not None and mode != SPLIT_SUM_KERNEL,
+        SPLIT_MODE=mode, DOT_IEEE=x.device.type != "cuda" or x.dtype == torch.float32,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if mode == SPLIT_SUM_KERNEL:
+        sum_splits(partial.view(num_splits, num_tokens, num_out), bias, out)
     return out
 
 

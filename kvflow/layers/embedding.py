@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvflow.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from kvflow.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -54,6 +55,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias)  # Triton GEMV at decode on CUDA
         logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

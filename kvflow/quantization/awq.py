@@ -33,12 +33,15 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_VERSIONS = ("gemm",)
 
 DEFAULT_MAX_FUSED_TOKENS = 128
-"""On CUDA, batches of at most this many tokens run the fused int4 GEMM; larger ones
-dequantize to a half-precision weight and call cuBLAS. The fused kernel reads a quarter
-of the bytes, which wins while the matmul is bound by weight reads (decode); past the
-crossover, cuBLAS's tensor-core efficiency outweighs the cost of writing and re-reading
-the dequantized weight. Not yet measured: ``benchmarks/kernels/check_awq_gpu.py`` prints
-both sides per shape and batch so this can be set from data."""
+"""On CUDA, batches of at most this many tokens run the fused int4 kernels (one token:
+the CUDA-core GEMV; more: the tensor-core GEMM, see ``kvflow.kernels.awq_gemm``);
+larger ones dequantize to a half-precision weight and call cuBLAS. The fused kernels
+read a quarter of the bytes, which wins while the matmul is bound by weight reads
+(decode); past the crossover, cuBLAS's tensor-core efficiency outweighs the cost of
+writing and re-reading the dequantized weight. Measured on an H100 up to 16 tokens
+(benchmarks/kernels/bench_gemv.py: fused 2-3x faster than dequantize + cuBLAS on the
+Llama shapes); the crossover above that is still to be measured
+(benchmarks/kernels/check_awq_gpu.py prints both sides per batch)."""
 
 # kvflow fuses these checkpoint linears; ``modules_to_not_convert`` names the parts.
 _FUSED_PARTS = {
@@ -210,12 +213,10 @@ class AWQLinearMethod(LinearMethod):
             x2d = x2d.contiguous()
         is_half = x.dtype in (torch.float16, torch.bfloat16)
         if is_half and x2d.shape[0] <= self.max_fused_tokens:
-            y = kernels.awq_gemm(x2d, layer.qweight, layer.qzeros, layer.scales)
+            y = kernels.awq_gemm(x2d, layer.qweight, layer.qzeros, layer.scales, bias=bias)
         else:
             weight = kernels.awq_dequantize(layer.qweight, layer.qzeros, layer.scales, x.dtype)
-            y = F.linear(x2d, weight)
-        if bias is not None:
-            y = y + bias
+            y = F.linear(x2d, weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

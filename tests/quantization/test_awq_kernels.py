@@ -75,11 +75,14 @@ def _gemv(block_n: int, block_k: int, split_k: int, **kw) -> kernels.AWQGemmConf
 @pytest.mark.parametrize("num_tokens,config", [
     (5, kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=1)),
     (5, kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=16, split_k=3)),  # uneven split
+    (5, kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=16, split_k=3,
+                              reduce_in_kernel=False)),
     (1, kernels.AWQGemmConfig(block_m=32, block_n=64, block_k=32, split_k=2)),
-    (1, _gemv(8, 16, 1)),
-    (1, _gemv(32, 32, 3)),                           # splits of whole groups
-    (1, _gemv(64, 8, 8, reduce_per_step=False)),     # splits inside a group
-    (1, _gemv(16, 16, 4, num_stages=2, num_warps=1)),
+    (1, _gemv(256, 16, 1, num_warps=1)),
+    (1, _gemv(256, 32, 3, num_warps=1)),              # splits of whole groups
+    (1, _gemv(512, 8, 8, num_warps=1)),               # splits inside a group, 2 int32 a thread
+    (1, _gemv(512, 16, 4, num_warps=2, num_stages=2)),
+    (1, _gemv(256, 16, 4, num_warps=1, reduce_in_kernel=False)),
 ])
 def test_gemm_kernel_tile_configs(num_tokens, config):
     num_in, num_out, group = 128, 72, 32
@@ -93,12 +96,12 @@ def test_gemm_kernel_tile_configs(num_tokens, config):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(256, 48, 64), (96, 40, None), (384, 264, 128)], ids=str)
-@pytest.mark.parametrize("per_step", [True, False])
-def test_gemv_kernel_splits_and_bias(shape, per_step, dtype):
+@pytest.mark.parametrize("shape", [(256, 48, 64), (96, 40, None), (256, 264, 128)], ids=str)
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_gemv_kernel_splits_and_bias(shape, in_kernel, dtype):
     """The one-token kernel against float32 on the exact weight, with and without
-    bias, over split counts that cut K into whole groups, halves of groups, and
-    (one group over all of K) ranges inside the group."""
+    bias, over split counts that cut K into whole groups, parts of groups, and
+    (one group over all of K) ranges inside the group; N past one column tile."""
     num_in, num_out, group = shape
     packed = _packed(num_in, num_out, group, seed=num_in)
     gen = torch.Generator().manual_seed(9)
@@ -107,7 +110,7 @@ def test_gemv_kernel_splits_and_bias(shape, per_step, dtype):
     exact = x.float() @ awq_format.dequantize(*packed, torch.float32).t()
     tol = TOL[dtype] * float(exact.abs().max())
     for split_k in (1, 2, 6):
-        config = _gemv(16, 16, split_k, reduce_per_step=per_step)
+        config = _gemv(256, 16, split_k, num_warps=1, reduce_in_kernel=in_kernel)
         got = kernels.awq_gemm(x, *packed, config=config, bias=bias if split_k != 2 else None)
         expected = exact + (bias.float() if split_k != 2 else 0)
         assert got.shape == (1, num_out) and got.dtype == dtype
@@ -127,24 +130,25 @@ def test_tensor_core_kernel_adds_bias_with_and_without_split():
                                    atol=TOL[torch.float16] * float(expected.abs().max()), rtol=0)
 
 
-@pytest.mark.parametrize("num_in,group,block_k,split_k,expected", [
-    (4096, 128, 16, 8, (512, 8)),      # whole groups
-    (4096, 128, 16, 64, (64, 64)),     # half groups
-    (4096, 128, 64, 128, (64, 64)),    # no smaller than block_k
-    (11008, 128, 16, 8, (1408, 8)),
-    (4096, 4096, 16, 8, (512, 8)),     # one group: ranges inside it
-    (80, 80, 16, 4, (80, 1)),          # an odd group cannot be halved
-])
-def test_k_split(num_in, group, block_k, split_k, expected):
-    per_split, num_splits = kernels.k_split(num_in, group, block_k, split_k)
-    assert (per_split, num_splits) == expected
-    assert per_split % group == 0 or group % per_split == 0
-
-
 def test_default_config_picks_gemv_for_one_token():
-    assert not kernels.default_gemm_config(1, 4096, 4096, 128, DEVICE).use_tensor_cores
+    for k, group in ((4096, 128), (11008, 11008), (80, 80)):
+        gemv = kernels.default_gemm_config(1, 4096, k, group, DEVICE)
+        assert not gemv.use_tensor_cores and k % gemv.block_k == 0 and group % gemv.block_k == 0
     for m in (2, 4, 16):
         assert kernels.default_gemm_config(m, 4096, 4096, 128, DEVICE).use_tensor_cores
+
+
+def test_split_counters_are_left_at_zero():
+    """The in-kernel split reduction counts arrivals in a shared buffer; every launch
+    must leave it zeroed for the next one."""
+    from kvflow.kernels.gemv import split_counters
+
+    packed = _packed(256, 48, 64, seed=12)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(13)).half().to(DEVICE)
+    kernels.awq_gemm(x, *packed, config=_gemv(256, 16, 4, num_warps=1))
+    kernels.awq_gemm(x.expand(3, -1).contiguous(), *packed,
+                     config=kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=4))
+    assert not split_counters(DEVICE, 1).any()
 
 
 def test_gemm_kernel_empty_batch_and_strided_rows():
@@ -172,4 +176,6 @@ def test_launchers_reject_bad_inputs():
         kernels.awq_gemm(x, qweight, qzeros, scales,
                          config=kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=64))
     with pytest.raises(AssertionError, match="runs one token"):
-        kernels.awq_gemm(x, qweight, qzeros, scales, config=_gemv(32, 32, 1))
+        kernels.awq_gemm(x, qweight, qzeros, scales, config=_gemv(256, 32, 1, num_warps=1))
+    with pytest.raises(AssertionError, match="256 \\* num_warps"):
+        kernels.awq_gemm(x[:1], qweight, qzeros, scales, config=_gemv(128, 32, 1, num_warps=1))
