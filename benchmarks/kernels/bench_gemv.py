@@ -84,14 +84,12 @@ def awq_candidates(m: int):
 
     out = []
     if m == 1:
-        for vec, bk, warps, stages in [(2, 16, 2, 4), (1, 16, 4, 3), (2, 16, 4, 3), (2, 8, 2, 4),
-                                       (2, 16, 1, 4), (1, 32, 1, 3), (4, 8, 1, 3), (1, 16, 2, 4),
-                                       (2, 32, 1, 3)]:
+        for vec, bk, warps, stages in [(1, 32, 1, 3), (1, 16, 4, 3), (2, 16, 2, 4), (1, 16, 2, 4)]:
             cfg = AWQGemmConfig(1, 256 * warps * vec, bk, num_warps=warps, num_stages=stages,
                                 use_tensor_cores=False)
-            out.append((cfg, (4, 8, 16, 32, 64, 128)))
-    for bn, bk, stages in [(64, 128, 3), (256, 64, 3), (128, 128, 3), (64, 64, 4)]:
-        out.append((AWQGemmConfig(16, bn, bk, num_warps=4, num_stages=stages), (1, 2, 4, 8, 16)))
+            out.append((cfg, (8, 16, 32, 64)))
+    for bn, bk, stages in [(64, 128, 3), (64, 64, 4), (256, 64, 3)]:
+        out.append((AWQGemmConfig(16, bn, bk, num_warps=4, num_stages=stages), (1, 2, 4, 8)))
     return out
 
 
@@ -225,19 +223,13 @@ def bench_bf16(n: int, k: int, m: int, weights: list[torch.Tensor], x: torch.Ten
     best_t, best = results[0]
     row["best"], row["best_cfg"] = best_t, asdict(best)
     row["sweep"] = [(t, asdict(c)) for t, c in results]
-    if best.split_k > 1:  # the other split reduction (a second launch), on the winning tile
-        other = replace(best, reduce_in_kernel=False)
-        row["best_sum_kernel"] = time_config(lambda i: kernels.gemv(x, weights[i], config=other),
-                                             copies, ref, f"{label} gemv {other}", TOL[x.dtype])
     half = x.half()
     err = rel_err(kernels.gemv(half, weights[0].half(), config=best),
                   half.float() @ weights[0].half().float().t())
     if not err <= TOL[torch.float16]:
         fail(f"{label} fp16 gemv {best}: max error {err:.2e}")
     print(f"  sweep bf16 {label}: cuBLAS {row['cublas']:.1f} | default {row['default']:.1f} | "
-          + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4])
-          + (f" | sum kernel {row['best_sum_kernel']:.1f}" if "best_sum_kernel" in row else ""),
-          flush=True)
+          + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4]), flush=True)
     return row
 
 
@@ -266,18 +258,10 @@ def bench_awq(n: int, k: int, m: int, packed: list[tuple[torch.Tensor, ...]],
                             f"{label} awq {cfg}", TOL[x.dtype])
             results.append((t, cfg))
     results.sort(key=lambda r: r[0])
-    best_t, best = results[0]
-    row["best"], row["best_cfg"] = best_t, asdict(best)
+    row["best"], row["best_cfg"] = results[0][0], asdict(results[0][1])
     row["sweep"] = [(t, asdict(c)) for t, c in results]
-    if best.split_k > 1:  # the other split reduction (a second launch), on the winning tile
-        other = replace(best, reduce_in_kernel=False)
-        row["best_sum_kernel"] = time_config(
-            lambda i: kernels.awq_gemm(x, *packed[i], config=other), copies, ref,
-            f"{label} awq {other}", TOL[x.dtype])
     print(f"  sweep awq {label}: default {row['default']:.1f} | "
-          + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4])
-          + (f" | sum kernel {row['best_sum_kernel']:.1f}" if "best_sum_kernel" in row else ""),
-          flush=True)
+          + " ".join(f"{t:.1f}:{_short(c)}" for t, c in results[:4]), flush=True)
     return row
 
 

@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.kernels.gemv import (SPLIT_SUM_KERNEL, k_split, split_buffers, split_k_epilogue,
-                                 sum_splits)
+from kvflow.kernels.gemv import k_split, split_k_epilogue, sum_splits
 
 _PACK = 8
 
@@ -87,10 +86,10 @@ def _exact_float(codes):
 
 @triton.jit
 def _awq_gemv_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
-    N, K, k_per_split, num_splits,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr,
+    N, K, k_per_split,
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One token against BLOCK_N output columns over K range s of program (n, s).
 
@@ -112,7 +111,7 @@ def _awq_gemv_kernel(
       BLOCK_N: output columns per program: 8 * VEC * 32 * num_warps.
       BLOCK_K: rows per step; divides GROUP_SIZE, K and k_per_split (rows are not masked).
       VEC: int32s of a row each thread loads (1, 2 or 4: 4, 8 or 16 bytes).
-      HAS_BIAS, SPLIT_MODE: as in ``kvflow.kernels.gemv.split_k_epilogue``.
+      HAS_BIAS, IS_SPLIT: as in ``kvflow.kernels.gemv.split_k_epilogue``.
       NUM_STAGES: steps in flight (cp.async through shared memory); Triton pipelines
         a loop without tl.dot only when asked.
     """
@@ -144,16 +143,16 @@ def _awq_gemv_kernel(
         s = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += (16.0 * s) * (dots - _mantissas(z, 1, PACKED_N) * xsum)  # 1 + z/16 per column
         q_ptrs += BLOCK_K * packed_n
-    split_k_epilogue(acc, offs_n, offs_n, mask_n, pid_s, num_splits, N, out_ptr, bias_ptr,
-                     partial_ptr, counter_ptr, HAS_BIAS, SPLIT_MODE)
+    split_k_epilogue(acc, offs_n, offs_n, mask_n, pid_s, N, out_ptr, bias_ptr, partial_ptr,
+                     HAS_BIAS, IS_SPLIT)
 
 
 @triton.jit
 def _awq_gemm_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, group_size, k_per_split, num_splits, stride_xm,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr,
+    M, N, K, group_size, k_per_split, stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over K range s, on tensor cores.
 
@@ -164,7 +163,7 @@ def _awq_gemm_kernel(
       BLOCK_N: output columns per tile; a multiple of 8 (whole int32s of qweight).
       BLOCK_K: input features per step; divides ``group_size`` (or K is one group)
                and ``k_per_split``, so a step reads one row of qzeros and scales.
-      HAS_BIAS, SPLIT_MODE: as in ``kvflow.kernels.gemv.split_k_epilogue``.
+      HAS_BIAS, IS_SPLIT: as in ``kvflow.kernels.gemv.split_k_epilogue``.
       UPCAST:  CPU interpreter only: it multiplies bfloat16 tl.dot operands as raw
                bits, so the rounded operands are widened to float32 first (their
                products are exact there, as in the tensor cores).
@@ -203,8 +202,7 @@ def _awq_gemm_kernel(
             acc = tl.dot(x, w, acc)
     offs = offs_m[:, None] * N + offs_n[None, :]  # into y [M, N]
     split_k_epilogue(acc, offs, offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_s,
-                     num_splits, M * N, out_ptr, bias_ptr, partial_ptr, counter_ptr,
-                     HAS_BIAS, SPLIT_MODE)
+                     M * N, out_ptr, bias_ptr, partial_ptr, HAS_BIAS, IS_SPLIT)
 
 
 @triton.jit
@@ -246,7 +244,7 @@ def _awq_dequantize_kernel(
 
 
 GEMV_MAX_TOKENS = 1
-"""Batches of this many tokens run ``_awq_gemv_kernel`` by default; more take tl.dot."""
+"""Batches of this many tokens may run ``_awq_gemv_kernel`` by default; more take tl.dot."""
 
 
 @dataclass(frozen=True)
@@ -263,9 +261,6 @@ class AWQGemmConfig:
     use_tensor_cores: bool = True
     """True: ``_awq_gemm_kernel`` (tl.dot); False: ``_awq_gemv_kernel`` (block_m = 1,
     block_n = 256 * num_warps * VEC with VEC in 1, 2, 4)."""
-    reduce_in_kernel: bool = True
-    """Split-K partials added by the last program of each tile (one launch) rather
-    than by ``sum_splits`` (a second launch)."""
 
 
 @lru_cache(maxsize=8)
@@ -282,31 +277,40 @@ def _largest_block_dividing(num: int, block: int) -> int:
     return block
 
 
+def _pow2_at_least(value: float) -> int:
+    split = 1
+    while split < value:
+        split *= 2
+    return split
+
+
 @lru_cache(maxsize=4096)
 def default_gemm_config(m: int, n: int, k: int, group_size: int,
                         device: torch.device) -> AWQGemmConfig:
-    """The kernel and tile measured best on an H100 (benchmarks/kernels/bench_gemv.py).
+    """The kernel and tile measured best on an H100 (benchmarks/kernels/bench_gemv.py,
+    Llama-2-7B/3-8B linears, group 128, times per call inside CUDA graphs).
 
-    One token: the CUDA-core GEMV, split over K until the grid holds about four
-    warps per SM. 2..16 tokens: tensor-core tiles, wide (256 columns: 128 bytes of
-    qweight a row) when N is large, else 64 columns split 4-8 ways over K (split
-    reduction in the kernel). More tokens: square tiles, split while they are few.
+    One token, large weights (N * K >= 32M: gate_up, down, Llama-2's qkv): the
+    CUDA-core GEMV, one warp of 256 columns, 32 rows a step, split until about 5.5
+    programs per SM (Llama-3 gate_up 43.8 us, down 30.5 us against 81.9 / 45.3 for
+    bf16 cuBLAS). Smaller weights (qkv, o of Llama-3): the tensor-core kernel,
+    64 columns split 4 ways (19.7 / 15.2 us), which beat every GEMV tile there.
+    2..16 tokens: the tensor-core kernel, 64 columns, split so that a split spans at
+    most 2048 rows and the grid about two programs per SM. More tokens: square
+    tiles, split while they are few.
     """
     sms = _num_sms(device)
-    if m <= GEMV_MAX_TOKENS:
-        block_n, warps = 1024, 2
-        block_k = _largest_block_dividing(math.gcd(k, group_size), 16)
-        split_k = 1
-        while (triton.cdiv(n, block_n) * split_k * warps < 4 * sms
-               and split_k * 2 <= k // block_k):
-            split_k *= 2
-        return AWQGemmConfig(1, block_n, block_k, split_k, num_warps=warps, num_stages=4,
-                             use_tensor_cores=False)
     group_block = min(128, group_size) if group_size < k else 128
+    steps = triton.cdiv(k, group_block)
+    if m <= GEMV_MAX_TOKENS and n * k >= (32 << 20):
+        block_n, block_k = 256, _largest_block_dividing(math.gcd(k, group_size), 32)
+        split_k = _pow2_at_least(5.5 * sms / triton.cdiv(n, block_n))
+        return AWQGemmConfig(1, block_n, block_k, min(split_k, k // (2 * block_k)),
+                             num_warps=1, num_stages=3, use_tensor_cores=False)
     if m <= 16:
-        if n > 8192:
-            return AWQGemmConfig(16, 256, min(64, group_block), split_k=8)
-        return AWQGemmConfig(16, 64, group_block, split_k=8 if k > 8192 else 4)
+        split_k = max(_pow2_at_least(k / 2048), _pow2_at_least(1.9 * sms / triton.cdiv(n, 64)))
+        return AWQGemmConfig(16, 64, group_block, min(split_k, steps), num_warps=4,
+                             num_stages=3)
     if m <= 32:
         block_m, block_n, warps = 32, 128, 4
     elif m <= 64:
@@ -314,7 +318,6 @@ def default_gemm_config(m: int, n: int, k: int, group_size: int,
     else:
         block_m, block_n, warps = 128, 128, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, group_block)
     split_k = 1
     while tiles * split_k < 2 * sms and split_k * 2 <= steps:
         split_k *= 2
@@ -367,19 +370,20 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     assert group % cfg.block_k == 0 or group == num_in, (
         f"block_k={cfg.block_k} must divide group_size={group} (or K={num_in} be one group)")
     per_split, num_splits = k_split(num_in, cfg.block_k, cfg.split_k)
-    numel = num_tokens * num_out
-    mode, partial, counters = split_buffers(num_splits, numel, cfg.reduce_in_kernel, x.device)
-    has_bias = bias is not None and mode != SPLIT_SUM_KERNEL
+    is_split = num_splits > 1
+    partial = torch.empty(num_splits if is_split else 0, num_tokens, num_out,
+                          dtype=torch.float32, device=x.device)
+    has_bias = bias is not None and not is_split  # else sum_splits adds it
     bias_arg = bias if bias is not None else out
     if cfg.use_tensor_cores:
         assert min(cfg.block_m, cfg.block_n) >= 16, f"tl.dot needs 16x16 tiles: {cfg}"
         grid = (triton.cdiv(num_tokens, cfg.block_m), triton.cdiv(num_out, cfg.block_n),
                 num_splits)
         _awq_gemm_kernel[grid](
-            x, qweight, qzeros, scales, bias_arg, out, partial, counters,
-            num_tokens, num_out, num_in, group, per_split, num_splits, x.stride(0),
+            x, qweight, qzeros, scales, bias_arg, out, partial,
+            num_tokens, num_out, num_in, group, per_split, x.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            HAS_BIAS=has_bias, SPLIT_MODE=mode, UPCAST=x.device.type != "cuda",
+            HAS_BIAS=has_bias, IS_SPLIT=is_split, UPCAST=x.device.type != "cuda",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         assert num_tokens == 1 == cfg.block_m, f"the GEMV runs one token: M={num_tokens}, {cfg}"
@@ -390,13 +394,12 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         assert group == num_in or group & (group - 1) == 0, f"group_size={group}: a power of 2"
         grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
         _awq_gemv_kernel[grid](
-            x, qweight, qzeros, scales, bias_arg, out, partial, counters,
-            num_out, num_in, per_split, num_splits,
+            x, qweight, qzeros, scales, bias_arg, out, partial, num_out, num_in, per_split,
             GROUP_SIZE=triton.next_power_of_2(group), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            VEC=vec, HAS_BIAS=has_bias, SPLIT_MODE=mode, NUM_STAGES=cfg.num_stages,
+            VEC=vec, HAS_BIAS=has_bias, IS_SPLIT=is_split, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if mode == SPLIT_SUM_KERNEL:
-        sum_splits(partial.view(num_splits, num_tokens, num_out), bias, out)
+    if is_split:
+        sum_splits(partial, bias, out)
     return out
 
 

@@ -17,8 +17,9 @@ NUM_STAGES tiles in flight::
 ``USE_DOT=True`` pads the tokens to BLOCK_M >= 16 and uses ``tl.dot`` (tensor
 cores), which costs nothing in a memory-bound loop and keeps registers small
 as M grows. When N / BLOCK_N programs are too few to cover the SMs, S programs
-share a tile's K range (split-K); ``split_k_epilogue`` adds their float32
-partial sums in split order, in the same launch (the AWQ kernels use it too).
+share a tile's K range (split-K) and store float32 partial sums
+(``split_k_epilogue``, shared with the AWQ kernels) that ``sum_splits`` adds up
+in split order: deterministic, and graph-capturable.
 
 The tile per shape comes from ``default_gemv_config``, measured on an H100
 (benchmarks/kernels/bench_gemv.py), not from run-time autotuning: start-up time
@@ -40,56 +41,32 @@ MAX_TOKENS = 16
 """The kernel holds all tokens of a batch in one program; larger batches belong to cuBLAS."""
 
 
-SPLIT_NONE, SPLIT_SUM_KERNEL, SPLIT_LAST_REDUCES = 0, 1, 2
-"""``SPLIT_MODE`` values: one program per output tile; float32 partial sums that
-``sum_splits`` adds up in a second launch; partial sums that the last program to
-finish a tile adds up itself (one launch)."""
-
-
 @triton.jit
-def split_k_epilogue(acc, offs, bias_offs, mask, pid_s, num_splits, numel,
-                     out_ptr, bias_ptr, partial_ptr, counter_ptr,
-                     HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr):
-    """Writes y[offs] = acc (+ bias[bias_offs]) from a float32 tile of partial sums.
+def split_k_epilogue(acc, offs, bias_offs, mask, pid_s, numel, out_ptr, bias_ptr, partial_ptr,
+                     HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr):
+    """Stores a program's float32 tile: y[offs] = acc (+ bias[bias_offs]) in y's dtype,
+    or, with IS_SPLIT, the partial sum of split ``pid_s`` at partial[pid_s, offs]
+    (float32 [S, numel]) for ``sum_splits`` to add up in split order.
 
-    ``offs`` index the contiguous output y (numel elements); split ``pid_s`` of
-    ``num_splits`` holds its own sum over a K range. With SPLIT_LAST_REDUCES::
-
-        store partial[pid_s, offs]          every split, float32
-        arrivals = atomic_add(counter[offs], 1)   acq_rel: orders the store before,
-                                                  and the other splits' stores after
-        last split (arrivals == S - 1): y = sum over s = 0..S-1 of partial[s] in order
-                                        (+ bias), counter[offs] = 0 for the next call
-
-    Each element is counted by the thread that stored it, so no barrier is needed;
-    the sum order is fixed, so the result does not depend on which split ends last.
-    ``counter`` must be zero on entry (``split_counters``) and is zero again on exit.
+    The split sums take a second launch: reducing them in the first, by the last
+    program of each tile to count its arrival with an acq_rel atomic, measured
+    2-7 us slower on the H100 (the atomics' round trips end every program).
     """
-    if SPLIT_MODE == 1:
+    if IS_SPLIT:
         tl.store(partial_ptr + pid_s * numel + offs, acc, mask=mask)
     else:
-        store_mask = mask
-        if SPLIT_MODE == 2:
-            tl.store(partial_ptr + pid_s * numel + offs, acc, mask=mask)
-            arrivals = tl.atomic_add(counter_ptr + offs, 1, mask=mask, sem="acq_rel")
-            store_mask = mask & (arrivals == num_splits - 1)
-            acc = tl.zeros_like(acc)
-            for split in range(num_splits):
-                acc += tl.load(partial_ptr + split * numel + offs, mask=store_mask, other=0.0,
-                               cache_modifier=".cg")
-            tl.store(counter_ptr + offs, 0, mask=store_mask)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + bias_offs, mask=store_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+            acc += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, k_per_split, num_splits,
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr,
+    M, N, K, k_per_split,
     stride_xm, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """y[:, tile] over K range [s * k_per_split, (s + 1) * k_per_split) of program (n, s).
@@ -101,7 +78,7 @@ def _gemv_kernel(
       BLOCK_N: weight rows (outputs) per program.
       BLOCK_K: input features per step; ``k_per_split`` is a multiple of it.
       USE_DOT: tensor cores (``tl.dot``) instead of float32 CUDA-core FMAs.
-      HAS_BIAS, SPLIT_MODE: as in ``split_k_epilogue``.
+      HAS_BIAS, IS_SPLIT: as in ``split_k_epilogue``.
       DOT_IEEE: multiply in float32 without tf32 rounding: for float32 inputs, and in
               the CPU interpreter, which multiplies bfloat16 ``tl.dot`` operands as
               raw bits (widening first keeps the products exact).
@@ -145,8 +122,7 @@ def _gemv_kernel(
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     offs = offs_m[:, None] * N + offs_n[None, :]  # into y [M, N]
     split_k_epilogue(acc, offs, offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_s,
-                     num_splits, M * N, out_ptr, bias_ptr, partial_ptr, counter_ptr,
-                     HAS_BIAS, SPLIT_MODE)
+                     M * N, out_ptr, bias_ptr, partial_ptr, HAS_BIAS, IS_SPLIT)
 
 
 @triton.jit
@@ -179,9 +155,6 @@ class GemvConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 3
-    reduce_in_kernel: bool = True
-    """Split-K partials added by the last program of each tile (one launch) rather
-    than by ``sum_splits`` (a second launch)."""
 
 
 @lru_cache(maxsize=4096)
@@ -201,40 +174,6 @@ def default_gemv_config(m: int, n: int, k: int, dtype: torch.dtype,
     split_k = 2 if k >= 8192 and n <= 8192 else 1
     return GemvConfig(block_n=64, block_k=256, split_k=split_k, use_dot=True, num_warps=4,
                       num_stages=3)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, numel: int) -> torch.Tensor:
-    """The zeroed int32 arrival counters of ``split_k_epilogue`` (at least ``numel``).
-
-    One buffer per device, shared by every launch: kernels on one stream run one
-    after another and each leaves the counters it used at zero. It grows only
-    outside CUDA-graph capture (the warm-up call before a capture sizes it), so a
-    captured graph never refers to memory of its own pool.
-    """
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < numel:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), (
-            f"split-K counters must grow to {numel} during CUDA graph capture; run the "
-            "same shapes once before capturing")
-        counters = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
-
-
-def split_buffers(num_splits: int, numel: int, in_kernel: bool, device: torch.device
-                  ) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(SPLIT_MODE, partial sums [S, numel] float32, counters) for a launch with
-    ``num_splits`` splits; placeholders (never read) when there is one split."""
-    if num_splits == 1:
-        empty = torch.empty(0, dtype=torch.float32, device=device)
-        return SPLIT_NONE, empty, empty
-    partial = torch.empty(num_splits, numel, dtype=torch.float32, device=device)
-    if in_kernel:
-        return SPLIT_LAST_REDUCES, partial, split_counters(device, numel)
-    return SPLIT_SUM_KERNEL, partial, partial
 
 
 def k_split(num_in: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -273,18 +212,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     cfg = config or default_gemv_config(num_tokens, num_out, num_in, x.dtype, x.device)
     assert cfg.use_dot or num_tokens == 1, f"the CUDA-core path runs one token: {cfg}"
     k_per_split, num_splits = k_split(num_in, cfg.block_k, cfg.split_k)
-    numel = num_tokens * num_out
-    mode, partial, counters = split_buffers(num_splits, numel, cfg.reduce_in_kernel, x.device)
+    is_split = num_splits > 1
+    partial = torch.empty(num_splits if is_split else 0, num_tokens, num_out,
+                          dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
     _gemv_kernel[grid](
-        x, weight, bias if bias is not None else out, out, partial, counters,
-        num_tokens, num_out, num_in, k_per_split, num_splits, x.stride(0), weight.stride(0),
+        x, weight, bias if bias is not None else out, out, partial,
+        num_tokens, num_out, num_in, k_per_split, x.stride(0), weight.stride(0),
         BLOCK_M=_block_m(num_tokens, cfg.use_dot), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot, HAS_BIAS=bias is not None and mode != SPLIT_SUM_KERNEL,
-        SPLIT_MODE=mode, DOT_IEEE=x.device.type != "cuda" or x.dtype == torch.float32,
+        USE_DOT=cfg.use_dot, HAS_BIAS=bias is not None and not is_split, IS_SPLIT=is_split,
+        DOT_IEEE=x.device.type != "cuda" or x.dtype == torch.float32,
         NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if mode == SPLIT_SUM_KERNEL:
-        sum_splits(partial.view(num_splits, num_tokens, num_out), bias, out)
+    if is_split:
+        sum_splits(partial, bias, out)
     return out
 
 

@@ -61,7 +61,6 @@ def test_gemv_default_config_matches_reference(shape, num_tokens, dtype):
     (1, GemvConfig(block_n=32, block_k=64, split_k=2, use_dot=True)),
     (5, GemvConfig(block_n=16, block_k=64, split_k=1, use_dot=True)),
     (7, GemvConfig(block_n=32, block_k=32, split_k=4, use_dot=True)),
-    (7, GemvConfig(block_n=32, block_k=32, split_k=4, use_dot=True, reduce_in_kernel=False)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_tile_configs(num_tokens, config, dtype):
@@ -114,13 +113,11 @@ def test_gemv_rejects_bad_inputs():
         kernels.gemv(x, weight, torch.zeros(9, device=DEVICE).half())
 
 
-def test_split_counters_are_left_at_zero():
-    """The in-kernel split reduction counts arrivals in a shared buffer; every launch
-    must leave it zeroed for the next one (and give the same numbers every time)."""
+def test_split_k_is_deterministic():
+    """Split sums are added in split order by a second launch: same bits every call."""
     x, weight, bias = _inputs(3, 72, 300, torch.float16, seed=9)
     config = GemvConfig(block_n=16, block_k=32, split_k=5, use_dot=True)
     first = kernels.gemv(x, weight, bias, config=config)
-    assert not kernels.split_counters(DEVICE, 1).any()
     assert torch.equal(kernels.gemv(x, weight, bias, config=config), first)
 
 

@@ -75,14 +75,11 @@ def _gemv(block_n: int, block_k: int, split_k: int, **kw) -> kernels.AWQGemmConf
 @pytest.mark.parametrize("num_tokens,config", [
     (5, kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=1)),
     (5, kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=16, split_k=3)),  # uneven split
-    (5, kernels.AWQGemmConfig(block_m=16, block_n=32, block_k=16, split_k=3,
-                              reduce_in_kernel=False)),
     (1, kernels.AWQGemmConfig(block_m=32, block_n=64, block_k=32, split_k=2)),
     (1, _gemv(256, 16, 1, num_warps=1)),
     (1, _gemv(256, 32, 3, num_warps=1)),              # splits of whole groups
     (1, _gemv(512, 8, 8, num_warps=1)),               # splits inside a group, 2 int32 a thread
     (1, _gemv(512, 16, 4, num_warps=2, num_stages=2)),
-    (1, _gemv(256, 16, 4, num_warps=1, reduce_in_kernel=False)),
 ])
 def test_gemm_kernel_tile_configs(num_tokens, config):
     num_in, num_out, group = 128, 72, 32
@@ -97,8 +94,7 @@ def test_gemm_kernel_tile_configs(num_tokens, config):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(256, 48, 64), (96, 40, None), (256, 264, 128)], ids=str)
-@pytest.mark.parametrize("in_kernel", [True, False])
-def test_gemv_kernel_splits_and_bias(shape, in_kernel, dtype):
+def test_gemv_kernel_splits_and_bias(shape, dtype):
     """The one-token kernel against float32 on the exact weight, with and without
     bias, over split counts that cut K into whole groups, parts of groups, and
     (one group over all of K) ranges inside the group; N past one column tile."""
@@ -110,7 +106,7 @@ def test_gemv_kernel_splits_and_bias(shape, in_kernel, dtype):
     exact = x.float() @ awq_format.dequantize(*packed, torch.float32).t()
     tol = TOL[dtype] * float(exact.abs().max())
     for split_k in (1, 2, 6):
-        config = _gemv(256, 16, split_k, num_warps=1, reduce_in_kernel=in_kernel)
+        config = _gemv(256, 16, split_k, num_warps=1)
         got = kernels.awq_gemm(x, *packed, config=config, bias=bias if split_k != 2 else None)
         expected = exact + (bias.float() if split_k != 2 else 0)
         assert got.shape == (1, num_out) and got.dtype == dtype
@@ -130,25 +126,14 @@ def test_tensor_core_kernel_adds_bias_with_and_without_split():
                                    atol=TOL[torch.float16] * float(expected.abs().max()), rtol=0)
 
 
-def test_default_config_picks_gemv_for_one_token():
-    for k, group in ((4096, 128), (11008, 11008), (80, 80)):
-        gemv = kernels.default_gemm_config(1, 4096, k, group, DEVICE)
+def test_default_config_picks_gemv_for_one_token_of_large_weights():
+    for n, k, group in ((28672, 4096, 128), (4096, 11008, 11008), (4096, 14336, 64)):
+        gemv = kernels.default_gemm_config(1, n, k, group, DEVICE)
         assert not gemv.use_tensor_cores and k % gemv.block_k == 0 and group % gemv.block_k == 0
+        assert 1 <= gemv.split_k <= k // (2 * gemv.block_k)
+    assert kernels.default_gemm_config(1, 4096, 4096, 128, DEVICE).use_tensor_cores
     for m in (2, 4, 16):
-        assert kernels.default_gemm_config(m, 4096, 4096, 128, DEVICE).use_tensor_cores
-
-
-def test_split_counters_are_left_at_zero():
-    """The in-kernel split reduction counts arrivals in a shared buffer; every launch
-    must leave it zeroed for the next one."""
-    from kvflow.kernels.gemv import split_counters
-
-    packed = _packed(256, 48, 64, seed=12)
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(13)).half().to(DEVICE)
-    kernels.awq_gemm(x, *packed, config=_gemv(256, 16, 4, num_warps=1))
-    kernels.awq_gemm(x.expand(3, -1).contiguous(), *packed,
-                     config=kernels.AWQGemmConfig(block_m=16, block_n=16, block_k=32, split_k=4))
-    assert not split_counters(DEVICE, 1).any()
+        assert kernels.default_gemm_config(m, 28672, 4096, 128, DEVICE).use_tensor_cores
 
 
 def test_gemm_kernel_empty_batch_and_strided_rows():
