@@ -237,17 +237,27 @@ def test_server_killed_leaves_no_engine_core(tiny_model):
 def test_killed_core_fails_in_flight_requests_and_503s_new_ones(core_llm):
     """Runs last: it kills the module's engine core."""
     app = build_app(core_llm, ServerArgs(served_model_names=["m"]))
-    body = {"prompt": "A long story:", "max_tokens": 200, "ignore_eos": True}
+    body = {"prompt": "A long story:", "max_tokens": 240, "ignore_eos": True}
 
     async def run() -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app",
                                      timeout=30) as client:
+            tokens_before = core_llm.get_stats().generation_tokens_total
             stream = asyncio.ensure_future(client.post("/v1/completions",
                                                        json={**body, "stream": True}))
             whole = asyncio.ensure_future(client.post("/v1/completions", json=body))
-            await _wait_stats(core_llm, lambda s: s.num_running == 2)
-            os.kill(core_llm.client.proc.pid, signal.SIGKILL)
+            # Both run, and the stream has had outputs (its 200 went out): the stats come
+            # in the message that carries the outputs of the tokens they count.
+            await _wait_stats(core_llm, lambda s: s.num_running == 2 and
+                              s.generation_tokens_total >= tokens_before + 8)
+            # Stopped, the core sends nothing more; once the reader has the last of what it
+            # sent, the stats say for sure that both requests are still running.
+            pid = core_llm.client.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.3)
+            assert core_llm.get_stats().num_running == 2
+            os.kill(pid, signal.SIGKILL)
 
             events = [line[6:] for line in (await stream).text.splitlines()
                       if line.startswith("data: ")]
