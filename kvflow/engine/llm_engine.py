@@ -205,7 +205,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ loop
     def has_unfinished_requests(self) -> bool:
-        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
+        # A step still in flight matters only while one of its requests is unfinished, and
+        # then the scheduler holds that request; a step whose requests were all aborted is
+        # simply read (and its tokens dropped) by the next step().
+        return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.num_unfinished()
