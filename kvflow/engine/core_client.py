@@ -45,6 +45,9 @@ from kvflow.tokenizer import load_tokenizer
 
 logger = logging.getLogger("kvflow.engine")
 
+_OUTPUT_PIPE_BYTES = 1 << 20
+"""Buffer of the core's output pipe (Linux; the default is 64 KiB, two or three steps of
+outputs): the core must not wait on its send while this process's GIL is busy elsewhere."""
 _STOP_TIMEOUT_S = 10.0
 """How long the core may take to shut down (its tensor-parallel workers included)
 before it is terminated."""
@@ -197,6 +200,7 @@ class MPCoreClient(BaseCoreClient):
         ctx = mp.get_context("spawn")  # a fork would copy this process's CUDA state and threads
         input_read, self._input = ctx.Pipe(duplex=False)
         self._output, output_write = ctx.Pipe(duplex=False)
+        _grow_pipe(self._output.fileno(), _OUTPUT_PIPE_BYTES)
         # Not a daemon: the core's tensor-parallel workers are its children, and a daemon
         # may have none. The finalizer below stops it instead, at exit too.
         self.proc = ctx.Process(target=run_engine_core, name="kvflow-engine-core",
@@ -227,7 +231,9 @@ class MPCoreClient(BaseCoreClient):
             self._tokenizer = (None if config.skip_tokenizer_init else
                                load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code))
             self._stats = self._wait_ready()
-        except BaseException:
+        except BaseException:  # a start-up error (the core has exited) or Ctrl-C
+            if self.proc.is_alive():
+                self.proc.terminate()
             self._finalizer()
             raise
         self._writer.start()
@@ -361,6 +367,16 @@ class MPCoreClient(BaseCoreClient):
     def _on_dead(self, error: EngineDeadError) -> None:
         assert self._sink is not None
         self._sink.on_dead(error)
+
+
+def _grow_pipe(fd: int, num_bytes: int) -> None:
+    """Raises a pipe's buffer where the OS allows (Linux, up to /proc/sys/fs/pipe-max-size)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, num_bytes)
+    except (ImportError, AttributeError, OSError):
+        pass  # the default buffer only delays the core's sends a little more often
 
 
 def _stop_core(proc: Any, outbox: "queue.SimpleQueue[Optional[bytes]]",
