@@ -24,6 +24,10 @@ row with its fraction of the offline throughput:
 
     python benchmarks/serving.py --serve-args "DIR --load-format dummy --skip-tokenizer-init" \\
         --offline-ceiling --request-rates 4 16 inf --num-prompts 500 --token-id-max 128000
+
+``kvflow serve`` runs the engine in its engine core process; add
+``--disable-frontend-multiprocessing`` to the serve args to measure the server with
+the engine inside the server's own process (a worker thread) instead.
 """
 
 from __future__ import annotations
