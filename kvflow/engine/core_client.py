@@ -214,16 +214,17 @@ class MPCoreClient(BaseCoreClient):
                                         daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="kvflow-core-reader",
                                         daemon=True)
-        # Runs at shutdown(), when this object is collected, and at interpreter exit
-        # before multiprocessing joins its children (exitpriority), which would hang.
+        # Runs at shutdown(), or at interpreter exit before multiprocessing joins its
+        # children (exitpriority), which would wait forever for a core never told to stop.
+        self._stopping = threading.Event()  # set by whoever stops the core; its EOF is no death
         self._finalizer = multiprocessing.util.Finalize(
-            self, _stop_core, args=(self.proc, self._outbox, self._writer, self._input),
+            self, _stop_core,
+            args=(self.proc, self._stopping, self._outbox, self._writer, self._input),
             exitpriority=10)
         self._lock = threading.Lock()  # guards _loop/_sink against the reader's _dead
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._sink: Optional[OutputSink] = None
         self._dead: Optional[EngineDeadError] = None
-        self._stopping = False
         self._decoder = OutputDecoder()  # the reader thread's
         try:
             mc = config.model_config
@@ -289,13 +290,13 @@ class MPCoreClient(BaseCoreClient):
         self._send(req)
 
     async def abort(self, request_ids: list[str]) -> None:
-        if self._dead is None and not self._stopping:
+        if self._dead is None and not self._stopping.is_set():
             self._send(AbortRequests(request_ids))
 
     async def shutdown(self, request_ids: list[str]) -> None:
-        if self._stopping:
+        if self._stopping.is_set():
             return
-        self._stopping = True
+        self._stopping.set()
         if request_ids and self._dead is None:
             self._send(AbortRequests(request_ids))
         loop = asyncio.get_running_loop()
@@ -331,7 +332,7 @@ class MPCoreClient(BaseCoreClient):
             outputs = [self._decoder.decode(wire) for wire in msg.outputs]
             if outputs or msg.failures:
                 self._post(self._dispatch, (outputs, msg.failures))
-        if self._stopping:
+        if self._stopping.is_set():
             error = EngineDeadError(SHUT_DOWN_MESSAGE)
         else:
             self.proc.join(_STOP_TIMEOUT_S)  # its exit code names the cause
@@ -342,7 +343,7 @@ class MPCoreClient(BaseCoreClient):
             logger.error("%s", error)
         with self._lock:
             self._dead = error
-        if not self._stopping:
+        if not self._stopping.is_set():
             self._post(self._on_dead, error)
 
     def _post(self, callback: Callable[[Any], None], arg: Any) -> None:
@@ -379,13 +380,14 @@ def _grow_pipe(fd: int, num_bytes: int) -> None:
         pass  # the default buffer only delays the core's sends a little more often
 
 
-def _stop_core(proc: Any, outbox: "queue.SimpleQueue[Optional[bytes]]",
-               writer: threading.Thread, input_conn: multiprocessing.connection.Connection
-               ) -> None:
+def _stop_core(proc: Any, stopping: threading.Event,
+               outbox: "queue.SimpleQueue[Optional[bytes]]", writer: threading.Thread,
+               input_conn: multiprocessing.connection.Connection) -> None:
     """Asks the core to exit, then terminates, then kills it; leaves no process behind.
 
-    Holds no reference to the client, so it can run when the client is collected.
+    Holds no reference to the client: a finalizer's callback must not keep it alive.
     """
+    stopping.set()
     outbox.put(pickle.dumps(Shutdown(), protocol=pickle.HIGHEST_PROTOCOL))
     outbox.put(None)
     if writer.ident is not None:

@@ -14,6 +14,8 @@ import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import Pipe
@@ -218,6 +220,18 @@ def test_startup_failure_raises_in_the_parent(tiny_model):
 
 
 # ---------------------------------------------------------------------------- death and exit
+def test_exit_without_shutdown_stops_the_core(tiny_model):
+    """A program that never calls shutdown() still exits at once, its core with it."""
+    script = ("import sys; from kvflow.config import EngineArgs; "
+              "from kvflow.engine.async_llm import AsyncLLM; "
+              f"llm = AsyncLLM.from_engine_args(EngineArgs(model={tiny_model!r})); "
+              "print(llm.client.proc.pid, flush=True)")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not is_running(int(r.stdout)) and "ERROR" not in r.stderr, r.stderr
+
+
 def test_server_killed_leaves_no_engine_core(tiny_model):
     """A server that dies without a word (SIGKILL): its engine core sees the pipe close
     and exits on its own."""
