@@ -323,13 +323,20 @@ class MPCoreClient(BaseCoreClient):
                 return  # the core is gone; the reader tells
 
     def _read_loop(self) -> None:
+        cause = None
         while True:
             try:
                 msg: CoreOutputs = self._output.recv()
             except (EOFError, OSError):
                 break
-            self._stats = msg.stats
-            outputs = [self._decoder.decode(wire) for wire in msg.outputs]
+            try:
+                self._stats = msg.stats
+                outputs = [self._decoder.decode(wire) for wire in msg.outputs]
+            except Exception as exc:  # a bug here: without a reader every request would hang
+                logger.exception("could not read the engine core's outputs; stopping it")
+                cause = f"sent outputs this process could not read ({type(exc).__name__}: {exc})"
+                self.proc.kill()
+                break
             if outputs or msg.failures:
                 self._post(self._dispatch, (outputs, msg.failures))
         if self._stopping.is_set():
@@ -338,8 +345,8 @@ class MPCoreClient(BaseCoreClient):
             self.proc.join(_STOP_TIMEOUT_S)  # its exit code names the cause
             error = EngineDeadError(
                 f"The engine core process (pid {self.proc.pid}) "
-                f"{describe_exit(self.proc.exitcode)}; the requests it held are lost and this "
-                "server can generate no more. Restart it, or retry on another replica.")
+                f"{cause or describe_exit(self.proc.exitcode)}; the requests it held are lost "
+                "and this server can generate no more. Restart it, or retry on another replica.")
             logger.error("%s", error)
         with self._lock:
             self._dead = error
