@@ -29,10 +29,10 @@ from kvflow.engine.core_client import (
     BaseCoreClient,
     EngineDeadError,
     InProcCoreClient,
-    MPCoreClient,
 )
 from kvflow.engine.engine_core import AddRequest, RequestFailure
 from kvflow.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from kvflow.engine.mp_client import MPCoreClient
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams

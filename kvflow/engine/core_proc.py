@@ -7,7 +7,7 @@ engine runs in a spawned child (spawned, not forked: a fork would copy CUDA
 state), and the two sides talk over two one-way pipes of pickled messages
 (core_messages.py)::
 
-    API process (core_client.MPCoreClient)            engine core (EngineCoreLoop)
+    API process (mp_client.MPCoreClient)              engine core (EngineCoreLoop)
     ──────────────────────────────────────            ────────────────────────────
     writer thread ── input pipe ─────────────────────► drain every waiting message
       AddRequest | AbortRequests | Shutdown               (blocks only when idle)

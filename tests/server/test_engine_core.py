@@ -26,7 +26,6 @@ from conftest import ServerProcess, engine_core_pids, is_running
 
 from kvflow.config import EngineArgs
 from kvflow.engine.async_llm import AsyncLLM, EngineDeadError
-from kvflow.engine.core_client import MPCoreClient
 from kvflow.engine.core_messages import (
     AbortRequests,
     CoreOutputs,
@@ -37,6 +36,7 @@ from kvflow.engine.core_messages import (
 from kvflow.engine.core_proc import EngineCoreLoop
 from kvflow.engine.engine_core import AddRequest, EngineCore
 from kvflow.engine.llm_engine import LLMEngine
+from kvflow.engine.mp_client import MPCoreClient
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.openai.server import ServerArgs, build_app
 from kvflow.sampling_params import SamplingParams
