@@ -87,6 +87,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     """Token budget of one step (decodes count one each, prefill chunks their length)."""
     max_model_len: int = 2048
+    long_prefill_token_threshold: int = 0
+    """Most prompt tokens one request computes in a step (0: no cap beyond the budget).
+    A small cap spreads an arriving prompt over several steps, so the decodes running
+    beside it keep a steady inter-token latency (S1 in benchmarks/RESULTS.md)."""
     async_scheduling: bool = False
     """Schedule step N+1 while the GPU runs step N (sampled ids one step late); see
     engine/llm_engine.py. On by default with one worker in the engine's process."""
@@ -143,6 +147,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
+    long_prefill_token_threshold: int = 0
+    """Most prompt tokens a request computes in one step (0: no cap). Lower it to keep
+    the inter-token latency of running requests steady while new prompts arrive."""
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
     tensor_parallel_size: int = 1
@@ -189,6 +196,9 @@ class EngineArgs:
             _fail("max_num_seqs", self.max_num_seqs, "must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             _fail("max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1")
+        if self.long_prefill_token_threshold < 0:
+            _fail("long_prefill_token_threshold", self.long_prefill_token_threshold,
+                  "must be >= 0 (0 = no cap)")
         if self.max_model_len is not None and self.max_model_len < 1:
             _fail("max_model_len", self.max_model_len, "must be >= 1")
         if self.tensor_parallel_size < 1:
@@ -318,6 +328,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=max_batched,
             max_model_len=max_model_len,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
             async_scheduling=async_scheduling,
         )
         if tp > 1:

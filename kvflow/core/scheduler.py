@@ -107,8 +107,10 @@ class Scheduler:
     """Decides, each step, which tokens of which requests to compute."""
 
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+                 num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 long_prefill_token_threshold: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -194,7 +196,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            num_new = min(self._chunk(request.num_tokens_with_pending
+                                      - request.num_computed_tokens), budget)
             if num_new <= 0 or self._ends_with_pending(request):
                 i += 1
                 continue
@@ -227,7 +230,7 @@ class Scheduler:
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             if not hits and parent is not None:
                 hits, num_hit_tokens = self.kv_cache_manager.get_fork_blocks(request)
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            num_new = min(self._chunk(request.num_tokens - num_hit_tokens), budget)
             fresh = self.kv_cache_manager.allocate_slots(request, num_new, hits)
             if fresh is None:
                 break
@@ -251,6 +254,11 @@ class Scheduler:
             finished_req_ids=finished,
             preempted_req_ids=preempted,
         )
+
+    def _chunk(self, num_tokens: int) -> int:
+        """Caps one request's prompt chunk at ``long_prefill_token_threshold`` (if set)."""
+        cap = self.long_prefill_token_threshold
+        return min(num_tokens, cap) if cap > 0 else num_tokens
 
     def _ends_with_pending(self, request: Request) -> bool:
         """True if the pending tokens finish the request by length: nothing left to schedule."""

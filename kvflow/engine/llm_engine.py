@@ -87,7 +87,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=sc.max_model_len, num_blocks=num_blocks, block_size=cc.block_size,
-            enable_prefix_caching=cc.enable_prefix_caching)
+            enable_prefix_caching=cc.enable_prefix_caching,
+            long_prefill_token_threshold=sc.long_prefill_token_threshold)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.async_scheduling = sc.async_scheduling
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None

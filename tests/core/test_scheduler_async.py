@@ -108,3 +108,16 @@ def test_preempted_request_resumes_with_its_pending_token_known():
     assert new.req_id == "b" and new.all_token_ids == [5, 6, 8, 9, 12]
     assert s3.num_scheduled_tokens["b"] == 5 - new.num_computed_tokens
     sched.check_integrity()
+
+
+def test_long_prefill_token_threshold_spreads_a_prompt_beside_running_decodes():
+    sched = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=32,
+                      num_blocks=16, block_size=2, enable_prefix_caching=False,
+                      long_prefill_token_threshold=4)
+    a = _request("a", [1, 2, 3], max_tokens=10)
+    sched.add_request(a)
+    assert sched.schedule().num_scheduled_tokens == {"a": 3}
+    b = _request("b", list(range(20, 30)), max_tokens=2)
+    sched.add_request(b)
+    chunks = [sched.schedule().num_scheduled_tokens for _ in range(3)]
+    assert chunks == [{"a": 1, "b": 4}, {"a": 1, "b": 4}, {"a": 1, "b": 2}]

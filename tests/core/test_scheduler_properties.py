@@ -111,7 +111,8 @@ def workloads(draw):
                 max_num_seqs=draw(st.integers(1, 8)),
                 max_num_batched_tokens=draw(st.integers(1, 64)),
                 caching=draw(st.booleans()), reqs=reqs, seed=draw(st.integers(0, 1000)),
-                async_scheduling=draw(st.booleans()))
+                async_scheduling=draw(st.booleans()),
+                long_prefill=draw(st.sampled_from([0, 0, 3, 8])))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -121,7 +122,8 @@ def test_scheduler_never_leaks_and_always_finishes(w):
     sched = Scheduler(max_num_seqs=w["max_num_seqs"],
                       max_num_batched_tokens=w["max_num_batched_tokens"],
                       max_model_len=w["max_model_len"], num_blocks=w["num_blocks"],
-                      block_size=w["block_size"], enable_prefix_caching=w["caching"])
+                      block_size=w["block_size"], enable_prefix_caching=w["caching"],
+                      long_prefill_token_threshold=w["long_prefill"])
     params = SamplingParams(max_tokens=None)
     params.update_from_tokenizer({7})  # token 7 is EOS
     added: dict[str, list[Request]] = {}
