@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session: install carried wheels, check kernels and the engine on the GPU,
 # then time the suite. Logs land in $OUT (the device tool brings them back).
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
+nvidia-smi --query-gpu=memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 git rev-parse --short HEAD 2>/dev/null || true
 stage=${1:-all}

@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
 # Second device batch: T1 host profile, the rest of the suite on GPU, AWQ and new families.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 echo "=== T1 profile"
 timeout 150 python3 benchmarks/profile_t1.py 2>&1 | tee "$OUT/profile_t1.txt" | head -60
 echo "=== pytest engine/models on GPU"

@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
 # Third device batch: bf16 agreement with transformers, then S1 serving against offline.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 echo "=== bf16 agreement"
 timeout 150 python3 benchmarks/bf16_agreement.py 2>&1 | grep -v Warning | tee "$OUT/bf16.txt" | tail -5
 echo "=== S1 serving"
-mkdir -p /tmp/m8b && python3 -c "import json,sys; sys.path.insert(0,'benchmarks'); from gpu_suite import SHAPES; json.dump(SHAPES['llama3-8b'], open('/tmp/m8b/config.json','w'))"
+write_8b_config
 timeout 400 python3 benchmarks/serving.py --serve-args "/tmp/m8b --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048" \
   --offline-ceiling --request-rates 16 inf 4 --num-prompts ${S1_PROMPTS:-500} --input-len 512 --output-len 128 \
   --result-json "$OUT/s1.json" 2>&1 | grep -v "INFO.*POST\|INFO.*finished" | tee "$OUT/s1.txt" | tail -30

@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # Fourth device batch: kvflow L1/T1 on this card (for S1's baseline), AWQ Q1, TP overhead.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 echo "=== suite (kvflow only)"
 timeout 150 python3 benchmarks/gpu_suite.py --quick --skip L1hf,T1hf 2>&1 | tee "$OUT/suite4.txt" | tail -12
 echo "=== TP overhead"

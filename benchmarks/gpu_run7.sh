@@ -1,11 +1,6 @@
 #!/usr/bin/env bash
 # Seventh device batch: where T1's time goes (async on/off, step split, trace), bf16 agreement.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
-git log --oneline | head -1
+source "$(dirname "$0")/device_env.sh"
 echo "=== async scheduling A/B, T1 with step split"
 timeout 200 python3 benchmarks/async_ab.py --skip L1 2>&1 | grep -v "INFO" | tee "$OUT/async_ab.txt"
 echo "=== profile_trace (L1 decode steps, full T1)"

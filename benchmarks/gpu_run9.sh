@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
 # Ninth device batch: HF static-cache+compile peer, T2, trace after the split-KV change,
 # S1 with long_prefill_token_threshold 128.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 echo "=== S1 serving vs offline, --long-prefill-token-threshold 128"
-mkdir -p /tmp/m8b && python3 -c "import json,sys; sys.path.insert(0,'benchmarks'); from gpu_suite import SHAPES; json.dump(SHAPES['llama3-8b'], open('/tmp/m8b/config.json','w'))"
+write_8b_config
 timeout 200 python3 benchmarks/serving.py --serve-args "/tmp/m8b --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048 --long-prefill-token-threshold 128" \
   --offline-ceiling --request-rates 16 inf --num-prompts 500 --input-len 512 --output-len 128 2>&1 | grep -v INFO | tee "$OUT/s1.txt" | tail -6
 echo "=== suite --quick --hf-compile --trace (L1, HF static+compile, T1, T2 on 256, trace)"
