@@ -72,12 +72,12 @@ def test_stop_token_while_next_step_runs_drops_that_steps_token():
     assert a.output_token_ids == [EOS]
 
 
-def test_request_preempted_with_a_pending_token_keeps_it_and_can_finish_from_waiting():
-    # 4 blocks of 2: two 4-token prompts fill the pool; a's next token needs a fifth block,
-    # so b (newest) is preempted while its first token is still being sampled.
+def _preempt_b_with_a_pending_token(a_max_tokens: int, b_max_tokens: int):
+    """4 blocks of 2: two 4-token prompts fill the pool; a's next token needs a fifth block,
+    so b (newest) is preempted while its first token is still being sampled."""
     sched = _scheduler(num_blocks=4)
-    a = _request("a", [1, 2, 3, 4], max_tokens=5)
-    b = _request("b", [5, 6, 8, 9], max_tokens=1)
+    a = _request("a", [1, 2, 3, 4], max_tokens=a_max_tokens)
+    b = _request("b", [5, 6, 8, 9], max_tokens=b_max_tokens)
     sched.add_request(a)
     sched.add_request(b)
     s1 = sched.schedule()
@@ -85,6 +85,11 @@ def test_request_preempted_with_a_pending_token_keeps_it_and_can_finish_from_wai
     s2 = sched.schedule()
     assert s2.preempted_req_ids == {"b"} and s2.num_scheduled_tokens == {"a": 1}
     assert b.status == RequestStatus.PREEMPTED and b.num_pending == 1
+    return sched, b, s1, s2
+
+
+def test_request_preempted_with_a_pending_token_keeps_it_and_can_finish_from_waiting():
+    sched, b, s1, _ = _preempt_b_with_a_pending_token(5, 1)
     outs = sched.update_from_output(s1, ModelRunnerOutput({"a": 11, "b": 12}))
     assert {o.req_id: o.finish_reason for o in outs} == {"a": None, "b": "length"}
     assert b.output_token_ids == [12] and b.is_finished
@@ -93,14 +98,7 @@ def test_request_preempted_with_a_pending_token_keeps_it_and_can_finish_from_wai
 
 
 def test_preempted_request_resumes_with_its_pending_token_known():
-    sched = _scheduler(num_blocks=4)
-    a = _request("a", [1, 2, 3, 4], max_tokens=2)
-    b = _request("b", [5, 6, 8, 9], max_tokens=3)
-    sched.add_request(a)
-    sched.add_request(b)
-    s1 = sched.schedule()
-    s2 = sched.schedule()
-    assert s2.preempted_req_ids == {"b"}
+    sched, b, s1, s2 = _preempt_b_with_a_pending_token(2, 3)
     sched.update_from_output(s1, ModelRunnerOutput({"a": 11, "b": 12}))
     sched.update_from_output(s2, ModelRunnerOutput({"a": 13}))  # a ends by length
     s3 = sched.schedule()
