@@ -1,7 +1,8 @@
-"""GPU benchmark suite (BENCHMARKS.md): ceilings, L1, T1, T2, M1 with their peers in one run.
+"""GPU benchmark suite (BENCHMARKS.md): ceilings, L1, T1, T2, M1, C1, K1 with peers in one run.
 
     python benchmarks/gpu_suite.py [--quick] [--shape llama3-8b|llama3.2-1b|qwen3-0.6b|...]
-                                   [--hf-compile] [--trace] [--skip L1,L1hf,T1,T1hf,T2,T2hf]
+                                   [--hf-compile] [--trace]
+                                   [--skip L1,L1hf,T1,T1hf,T2,T2hf,C1,K1]
 
 Random weights of real shapes (``load_format="dummy"``), token-id prompts and
 ``ignore_eos``, so every engine produces the same token counts. Each workload
@@ -16,6 +17,10 @@ first 256; peer: HF ``generate_batch`` on its first 128 requests, per token, not
 ``--quick``, where T1's HF figure is the peer); M1 (KV blocks of T1's engine).
 ``--trace`` adds the torch.profiler summary of benchmarks/profile_trace.py (L1 decode
 steps, a T1 run): GPU time in GEMMs, attention, other kernels, copies, host gaps.
+C1 (benchmarks/cold_start.py: fresh processes, kvflow and HF ``from_pretrained``; not in
+``--quick``, its 16 GB checkpoint takes a minute to write) and K1
+(benchmarks/kernels/bench_attention.py, against SDPA flash) run their own scripts in a
+child process and print their tables inline.
 ``--quick`` on the Llama-3-8B shape stays under 8 minutes on one H100 without
 ``--hf-compile``/``--trace`` (each adds about a minute).
 """
@@ -28,6 +33,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -386,12 +392,25 @@ def traces(model_dir: str, quick: bool) -> None:
     print_table(summaries)
 
 
+def run_script(workload: str, argv: list[str]) -> None:
+    """Runs a workload that has its own script (C1 needs fresh processes, K1 its own
+    table), in a child process so this one's GPU memory does not count; prints its tables."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False)
+    print(f"\n#### {workload}: python {' '.join(os.path.relpath(a) for a in argv)}\n")
+    print("\n".join(line for line in out.stdout.splitlines() if "INFO" not in line), flush=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-500:])
+    row(workload, "kvflow + peer", "table", "printed above, from its own script")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--skip", default="",
-                    help="comma list of workloads to skip (L1,L1hf,T1,T1hf,T2,T2hf)")
+                    help="comma list of workloads to skip (L1,L1hf,T1,T1hf,T2,T2hf,C1,K1)")
     ap.add_argument("--hf-compile", action="store_true",
                     help="also L1 with HF's static cache + torch.compile (about a minute)")
     ap.add_argument("--trace", action="store_true",
@@ -400,7 +419,8 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         skip.add("T2hf")  # T1's HF figure is the per-token peer in a short lease
-    unknown = skip - {"L1", "L1hf", "T1", "T1hf", "T2", "T2hf"}
+        skip.add("C1")  # writing its 16 GB checkpoint alone takes a minute or more
+    unknown = skip - {"L1", "L1hf", "T1", "T1hf", "T2", "T2hf", "C1", "K1"}
     if unknown:
         ap.error(f"--skip: unknown workloads {sorted(unknown)}")
     cfg = SHAPES[args.shape]
@@ -423,6 +443,11 @@ def main() -> int:
               ("T2", lambda: t2(model_dir, args.quick)), ("T2hf", lambda: t2_hf(model_dir))]
     if args.trace:
         steps.append(("trace", lambda: traces(model_dir, args.quick)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    steps += [("C1", lambda: run_script("C1", [os.path.join(here, "cold_start.py"),
+                                               "--shape", args.shape])),
+              ("K1", lambda: run_script("K1", [os.path.join(here, "kernels", "bench_attention.py")]
+                                        + (["--quick"] if args.quick else [])))]
     failed = 0
     for name, fn in steps:
         if name in skip:
