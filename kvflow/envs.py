@@ -38,3 +38,20 @@ def api_key() -> str | None:
 def logging_level() -> str:
     """Level of the "kvflow" logger (KVFLOW_LOGGING_LEVEL, default INFO)."""
     return os.environ.get("KVFLOW_LOGGING_LEVEL", "INFO").upper()
+
+
+AWQ_KERNELS = ("auto", "triton", "int4pack")
+
+
+def awq_kernel() -> str:
+    """Kernel for AWQ int4 linears on CUDA (KVFLOW_AWQ_KERNEL, default auto).
+
+    ``auto``: PyTorch's tinygemm (``torch._weight_int4pack_mm``) for small batches
+    where it supports the layer (bfloat16, sm80+, shape), else the Triton kernels;
+    ``int4pack``: the same, but an unsupported layer is an error; ``triton``: never
+    tinygemm (kvflow's own Triton kernels). See ``kvflow.quantization.awq``.
+    """
+    raw = os.environ.get("KVFLOW_AWQ_KERNEL", "").strip().lower() or "auto"
+    if raw not in AWQ_KERNELS:
+        raise ValueError(f"KVFLOW_AWQ_KERNEL={raw!r} is not one of {AWQ_KERNELS}.")
+    return raw

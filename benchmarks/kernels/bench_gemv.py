@@ -2,6 +2,7 @@
 
     python benchmarks/kernels/bench_gemv.py [--quick] [--json PATH] [--jobs N]
     TRITON_INTERPRET=1 python benchmarks/kernels/bench_gemv.py --smoke   # CPU dry run
+    python benchmarks/kernels/bench_gemv.py --int4pack [--smoke]          # tinygemm table
 
 For the linear shapes of Llama-3-8B and Llama-2-7B (q/k/v and gate/up fused, and
 the LM head) at M = 1, 2, 4, 8 tokens it times:
@@ -21,6 +22,9 @@ run. Every config timed is also checked against float32 torch on that shape
 (exit status 1 on any mismatch), and graph replays must equal eager calls.
 
 ``--quick``: Llama-3-8B only, M = 1 and 4, shipped heuristic only (no sweep).
+``--int4pack``: Llama-3-8B's AWQ linears at M = 1, 2, 4, 8, 16: bf16 cuBLAS, the Triton
+int4 kernel (shipped heuristic) and PyTorch's tinygemm (``torch._weight_int4pack_mm``
+on the repack of ``kvflow.quantization.awq_int4pack``), each checked like the rest.
 ``--smoke``: toy shapes on the CPU under Triton's interpreter (checks the script).
 """
 
@@ -271,6 +275,73 @@ def _short(cfg) -> str:
     return f"{kind}{d['block_n']}x{d['block_k']}s{d['split_k']}w{d['num_warps']}p{d['num_stages']}"
 
 
+def bench_int4pack(n: int, k: int, packed: list[tuple[torch.Tensor, ...]], x: torch.Tensor,
+                   label: str) -> Optional[float]:
+    """tinygemm on the repack of each AWQ copy; None where it cannot take the shape."""
+    from kvflow.kernels import awq_gemm as kernels
+    from kvflow.quantization import awq_int4pack
+
+    reason = awq_int4pack.unsupported_reason(k, n, GROUP, x.dtype, x.device)
+    if reason is not None:
+        print(f"  {label}: no int4pack ({reason})", flush=True)
+        return None
+    weight = kernels.awq_dequantize(*packed[0], torch.float32)
+    ref = x.float() @ weight.t()
+    del weight
+    repacked = [awq_int4pack.convert_awq(*p, GROUP) for p in packed]
+    return time_config(lambda i: awq_int4pack.int4pack_linear(x, repacked[i]), len(repacked),
+                       ref, f"{label} int4pack", TOL[x.dtype])
+
+
+def run_int4pack(shapes: dict, tokens: tuple[int, ...], json_path: Optional[str]) -> list[dict]:
+    """cuBLAS bf16, Triton int4 and tinygemm int4 per AWQ shape and M."""
+    rows = []
+    for model, layers in shapes.items():
+        for name, n, k in layers:
+            if name == "lm_head":  # AWQ checkpoints keep it in bf16
+                continue
+            label = f"{model}.{name}"
+            dense = dense_weights(n, k, num_copies(n * k * 2))
+            packed = packed_weights(n, k, num_copies(n * k // 2))
+            for m in tokens:
+                x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+                ref = x.float() @ dense[0].float().t()
+                cublas = time_config(lambda i: F.linear(x, dense[i]), len(dense), ref,
+                                     f"{label} M={m} F.linear", TOL[x.dtype])
+                triton_int4 = bench_awq(n, k, m, packed, x, False, f"{label} M={m}")["default"]
+                tiny = bench_int4pack(n, k, packed, x, f"{label} M={m}")
+                rows.append({"shape": label, "n": n, "k": k, "m": m, "cublas": cublas,
+                             "triton_int4": triton_int4, "int4pack": tiny})
+                print(f"  {label} M={m}: cuBLAS {cublas:.1f} | triton int4 {triton_int4:.1f} | "
+                      f"int4pack {'-' if tiny is None else f'{tiny:.1f}'} us", flush=True)
+            del dense, packed
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            if json_path:
+                with open(json_path, "w", encoding="utf-8") as f:
+                    json.dump(rows, f)
+    return rows
+
+
+def print_int4pack_table(rows: list[dict]) -> None:
+    def us(t: Optional[float]) -> str:
+        return "-" if t is None else f"{t:.1f}"
+
+    def ratio(a: float, b: Optional[float]) -> str:
+        return "-" if b is None else f"{a / b:.2f}x"
+
+    print("\n| shape | N | K | M | bf16 F.linear us | Triton int4 us | int4pack us "
+          "| int4pack vs Triton | int4pack vs bf16 | int4pack TB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n, k, m, tiny = r["n"], r["k"], r["m"], r["int4pack"]
+        nbytes = n * k // 2 + (k // GROUP) * n * 4 + (m * k + m * n) * 2
+        tbs = "-" if tiny is None else f"{nbytes / (tiny * 1e-6) / 1e12:.2f}"
+        print(f"| {r['shape']} | {n} | {k} | {m} | {r['cublas']:.1f} | {r['triton_int4']:.1f} "
+              f"| {us(tiny)} | {ratio(r['triton_int4'], tiny)} | {ratio(r['cublas'], tiny)} "
+              f"| {tbs} |")
+
+
 # ---------------------------------------------------------------- compile ahead
 
 def _warm_worker(jobs: list[tuple[str, int, dict]]) -> int:
@@ -377,6 +448,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="toy shapes on CPU (interpreter)")
     ap.add_argument("--json", help="write every measurement (sweeps included) here")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep ahead")
+    ap.add_argument("--int4pack", action="store_true",
+                    help="AWQ shapes: bf16 cuBLAS vs Triton int4 vs tinygemm (no sweep)")
     args = ap.parse_args()
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -394,6 +467,13 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (interpreter)"
     print(f"{gpu} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    if args.int4pack:
+        int4_shapes = shapes if args.smoke else {"llama3-8b": SHAPES["llama3-8b"]}
+        start = time.perf_counter()
+        rows = run_int4pack(int4_shapes, tokens if args.smoke else TOKENS, args.json)
+        print(f"measured in {time.perf_counter() - start:.0f} s", flush=True)
+        print_int4pack_table(rows)
+        return report_failures()
     if sweep and args.jobs > 1:
         compile_ahead(tokens, args.jobs)
     copy_tbs = copy_bandwidth_tbs()
@@ -401,6 +481,10 @@ def main() -> int:
     rows = run(shapes, tokens, sweep, args.json)
     print(f"measured in {time.perf_counter() - start:.0f} s", flush=True)
     print_table(rows, copy_tbs)
+    return report_failures()
+
+
+def report_failures() -> int:
     if FAILURES:
         print(f"\n{len(FAILURES)} check(s) failed:")
         for message in FAILURES[:20]:

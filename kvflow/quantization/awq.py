@@ -1,7 +1,8 @@
 """AWQ int4 weights (AutoAWQ's GEMM layout): the checkpoint's settings and the linear method.
 
 The layout and its plain-torch reference live in ``awq_format``; the GPU
-kernels in ``kvflow.kernels.awq_gemm``. ``AWQLinearMethod`` gives each
+kernels in ``kvflow.kernels.awq_gemm`` (Triton) and, for small batches in
+bfloat16, PyTorch's tinygemm through ``awq_int4pack``. ``AWQLinearMethod`` gives each
 quantized linear layer three parameters whose ``output_dim``/``input_dim``
 and shrink factors let ``LinearBase.weight_loader`` shard and place them like
 a plain weight (K = this rank's input features, N = its output features,
@@ -25,9 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow import envs
 from kvflow.layers.linear import LinearMethod, set_weight_attrs
-from kvflow.quantization import awq_format
+from kvflow.logger import init_logger
+from kvflow.quantization import awq_format, awq_int4pack
 from kvflow.quantization.detect import CheckpointQuantConfig, find_quant_config
+
+logger = init_logger(__name__)
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_VERSIONS = ("gemm",)
@@ -42,6 +47,14 @@ writing and re-reading the dequantized weight. Measured on an H100 up to 16 toke
 (benchmarks/kernels/bench_gemv.py: fused 2-3x faster than dequantize + cuBLAS on the
 Llama shapes); the crossover above that is still to be measured
 (benchmarks/kernels/check_awq_gpu.py prints both sides per batch)."""
+
+DEFAULT_MAX_INT4PACK_TOKENS = 16
+"""On CUDA, batches of at most this many tokens run tinygemm (``awq_int4pack``) where the
+layer was repacked for it. tinygemm pads the token rows to one 16-row tensor-core
+tile, so 1..16 tokens cost about the same; past that its tiling is built for
+GEMV-like shapes (the Triton GEMM / dequantize + cuBLAS take over).
+benchmarks/kernels/bench_gemv.py --int4pack times it against the Triton kernel at
+M = 1, 2, 4, 8, 16."""
 
 # kvflow fuses these checkpoint linears; ``modules_to_not_convert`` names the parts.
 _FUSED_PARTS = {
@@ -133,17 +146,35 @@ class AWQConfig:
 
 
 class AWQLinearMethod(LinearMethod):
-    """Packed int4 weights: exact dequantization on CPU, Triton kernels on CUDA.
+    """Packed int4 weights: exact dequantization on CPU; tinygemm or Triton on CUDA.
 
-    State lives on the layer (its three parameters and, on CPU, the dequantized
-    weight); the method itself holds only the config, so one instance serves
-    every layer.
+    State lives on the layer (its three parameters, on CPU the dequantized weight,
+    on CUDA maybe the tinygemm repack ``layer.int4pack``); the method itself holds
+    only settings, so one instance serves every layer.
+
+    ``kernel`` (``envs.AWQ_KERNELS``; the engine passes ``KVFLOW_AWQ_KERNEL``):
+    ``auto`` repacks every layer tinygemm supports, ``int4pack`` repacks every layer
+    and raises where it cannot (also on CPU, through torch's CPU twin of the op: the
+    tests' way into this path), ``triton`` never repacks.
+
+    Memory: a repacked layer keeps its AWQ tensors too, for batches above
+    ``max_int4pack_tokens`` (the Triton GEMM and dequantize + cuBLAS read them), so
+    its int4 bytes roughly double (+~4.5 GB for Llama-3-8B). tinygemm at prefill
+    sizes is slower than those paths, and re-deriving AWQ tensors per prefill would
+    cost more than the memory.
     """
 
     def __init__(self, config: AWQConfig, *,
-                 max_fused_tokens: int = DEFAULT_MAX_FUSED_TOKENS) -> None:
+                 max_fused_tokens: int = DEFAULT_MAX_FUSED_TOKENS,
+                 kernel: str = "auto",
+                 max_int4pack_tokens: int = DEFAULT_MAX_INT4PACK_TOKENS) -> None:
+        if kernel not in envs.AWQ_KERNELS:
+            raise ValueError(f"AWQ kernel {kernel!r} is not one of {envs.AWQ_KERNELS} "
+                             "(KVFLOW_AWQ_KERNEL).")
         self.config = config
         self.max_fused_tokens = max_fused_tokens
+        self.kernel = kernel
+        self.max_int4pack_tokens = max_int4pack_tokens
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int,
                        dtype: torch.dtype) -> None:
@@ -183,6 +214,7 @@ class AWQLinearMethod(LinearMethod):
         layer.register_parameter("scales", scales)
         layer.awq_dtype = dtype
         layer.register_buffer("dequantized_weight", None, persistent=False)
+        layer.int4pack = None  # awq_int4pack.Int4PackWeight once repacked
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """On CPU, dequantizes once into ``layer.dequantized_weight`` [N, K].
@@ -191,18 +223,42 @@ class AWQLinearMethod(LinearMethod):
         0.3 ms for the matmul on a cached weight, ~180 ms when dequantizing per
         call (unpacking int32 nibbles is slow in eager torch). So the CPU path
         trades memory (a float weight beside the packed one) for speed; it stays
-        exact either way. CUDA keeps only the packed tensors: reading fewer bytes
-        is the point there.
+        exact either way. CUDA keeps only packed tensors (reading fewer bytes is the
+        point there), plus, unless ``kernel="triton"``, tinygemm's repack of them:
+        made here because this is the first moment the rank's shard is whole, so
+        tensor-parallel layers repack exactly what they multiply.
         """
-        if layer.qweight.device.type == "cpu":
+        device = layer.qweight.device
+        if self.kernel == "int4pack" or (self.kernel == "auto" and device.type == "cuda"):
+            self._repack_for_int4pack(layer)
+        if device.type == "cpu" and layer.int4pack is None:
             layer.dequantized_weight = awq_format.dequantize(
                 layer.qweight, layer.qzeros, layer.scales, layer.awq_dtype)
+
+    def _repack_for_int4pack(self, layer: nn.Module) -> None:
+        """Sets ``layer.int4pack`` from this rank's loaded shard, or leaves it None
+        (``auto``) / raises (``int4pack``) where tinygemm cannot run the layer."""
+        num_in, num_out = layer.qweight.shape[0], layer.scales.shape[1]
+        reason = awq_int4pack.unsupported_reason(num_in, num_out, self.config.group_size,
+                                                 layer.awq_dtype, layer.qweight.device)
+        if reason is not None:
+            if self.kernel == "int4pack":
+                raise ValueError(f"KVFLOW_AWQ_KERNEL=int4pack: {type(layer).__name__} "
+                                 f"[N={num_out}, K={num_in}] cannot run on tinygemm: {reason}. "
+                                 "Use KVFLOW_AWQ_KERNEL=auto or triton.")
+            logger.debug("AWQ layer [N=%d, K=%d] stays on Triton: %s", num_out, num_in, reason)
+            return
+        layer.int4pack = awq_int4pack.convert_awq(layer.qweight, layer.qzeros, layer.scales,
+                                                  self.config.group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         cached = layer.dequantized_weight
         if cached is not None:
             return F.linear(x, cached, bias)
+        int4pack = layer.int4pack
+        if int4pack is not None and x.numel() <= self.max_int4pack_tokens * x.shape[-1]:
+            return awq_int4pack.int4pack_linear(x, int4pack, bias)
         if x.device.type != "cuda":  # weights moved off CPU after loading: slow but exact
             weight = awq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, x.dtype)
             return F.linear(x, weight, bias)
@@ -224,7 +280,7 @@ def awq_linear_method_factory(model_config: Any) -> Callable[[str], Optional[Lin
     """The model's quantization hook: prefix -> AWQLinearMethod, or None where the
     checkpoint keeps the layer unquantized (``modules_to_not_convert``)."""
     config = AWQConfig.from_model(model_config.hf_config, model_config.model)
-    method = AWQLinearMethod(config)
+    method = AWQLinearMethod(config, kernel=envs.awq_kernel())
 
     def for_prefix(prefix: str) -> Optional[LinearMethod]:
         return None if config.is_skipped(prefix) else method
