@@ -48,13 +48,20 @@ writing and re-reading the dequantized weight. Measured on an H100 up to 16 toke
 Llama shapes); the crossover above that is still to be measured
 (benchmarks/kernels/check_awq_gpu.py prints both sides per batch)."""
 
-DEFAULT_MAX_INT4PACK_TOKENS = 16
+DEFAULT_MAX_INT4PACK_TOKENS = 4
 """On CUDA, batches of at most this many tokens run tinygemm (``awq_int4pack``) where the
-layer was repacked for it. tinygemm pads the token rows to one 16-row tensor-core
-tile, so 1..16 tokens cost about the same; past that its tiling is built for
-GEMV-like shapes (the Triton GEMM / dequantize + cuBLAS take over).
-benchmarks/kernels/bench_gemv.py --int4pack times it against the Triton kernel at
-M = 1, 2, 4, 8, 16."""
+layer was repacked for it; larger ones the Triton kernels. Measured on an H100
+(torch 2.11, ``benchmarks/kernels/bench_gemv.py --int4pack``, Llama-3-8B, group 128),
+tinygemm vs Triton int4 in us::
+
+    M      qkv          o            gate_up       down
+    1      10.4 / 20.4  7.1 / 15.5   33.8 / 43.8   18.9 / 30.7
+    4      13.8 / 20.7  9.0 / 15.8   46.6 / 73.5   26.2 / 41.1
+    8      22.5 / 20.5  13.5 / 15.8  78.5 / 73.7   42.1 / 41.4
+    16     36.2 / 19.8  22.1 / 15.1  133.6 / 70.9  72.1 / 40.1
+
+tinygemm's time grows with M from 4 on (it is built for GEMV-like shapes) while the
+Triton tensor-core GEMM stays flat, so they cross between 4 and 8 tokens."""
 
 # kvflow fuses these checkpoint linears; ``modules_to_not_convert`` names the parts.
 _FUSED_PARTS = {

@@ -156,7 +156,7 @@ def test_linear_method_takes_int4pack_after_loading_each_shard(monkeypatch, tp_s
             codes, scales_and_zeros = awq_int4pack.awq_to_tinygemm(
                 layer.qweight, layer.qzeros, layer.scales, group)
             tiny = awq_int4pack.dequantize_tinygemm(codes, scales_and_zeros, group)
-            for num_tokens, weight in ((1, tiny), (4, tiny), (9, exact)):
+            for num_tokens, weight in ((1, tiny), (4, tiny), (5, exact)):
                 x = torch.randn(num_tokens, layer.in_features, generator=gen).to(torch.bfloat16)
                 reference = x.float() @ weight.t()
                 got = method.apply(layer, x)
