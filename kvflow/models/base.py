@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -108,6 +108,30 @@ def load_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 param.data.copy_(tensor)
             loaded.add(name)
     return loaded
+
+
+def load_with_fused_qkv(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], *,
+                        fused: str, split: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+                        family: str) -> set[str]:
+    """``load_by_name`` for checkpoints that store q, k and v as one tensor (MPT, Falcon).
+
+    Each ``...{fused}.weight`` / ``.bias`` is cut by ``split`` into its q, k and v
+    parts, which load as the three shards of the model's ``{fused}`` parameter
+    (so each tensor-parallel rank takes its own heads of each part).
+    """
+    def parts() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if f".{fused}." not in name:
+                yield name, tensor
+                continue
+            if not name.endswith((".weight", ".bias")):
+                raise ValueError(f"Checkpoint tensor {name!r}: kvflow splits {family}'s fused "
+                                 f"{fused} only for unquantized weights.")
+            for shard, part in zip("qkv", split(tensor)):
+                yield name.replace(f".{fused}.", f".{fused}_{shard}."), part
+
+    stacked = [(fused, f"{fused}_{s}", s) for s in "qkv"]
+    return load_by_name(model, parts(), stacked)
 
 
 def bind_weight_loaders(model: nn.Module) -> None:

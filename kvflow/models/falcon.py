@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from kvflow.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowPar
 from kvflow.layers.norm import LayerNorm
 from kvflow.layers.rotary import RopeScaling, RotaryEmbedding
 from kvflow.models.base import (CausalLM, ModelContext, ModelDescription, bind_weight_loaders,
-                                get_cfg, load_by_name)
+                                get_cfg, load_with_fused_qkv)
 from kvflow.models.llama import rope_parameters
 
 _REMOTE_CODE_40B = "RefinedWeb"
@@ -288,22 +288,9 @@ class FalconForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
-    def _split_fused(self, weights: Iterable[tuple[str, torch.Tensor]]
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields each ``query_key_value`` tensor as three named parts (q, k, v shards)."""
-        arch = self.arch
-        for name, tensor in weights:
-            if ".query_key_value." not in name:
-                yield name, tensor
-                continue
-            if not name.endswith((".weight", ".bias")):
-                raise ValueError(f"Checkpoint tensor {name!r}: kvflow splits Falcon's fused "
-                                 "query_key_value only for unquantized weights.")
-            parts = split_query_key_value(tensor, arch.num_heads, arch.num_kv_heads,
-                                          arch.head_dim)
-            for shard, part in zip("qkv", parts):
-                yield name.replace(".query_key_value.", f".query_key_value_{shard}."), part
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked = [("query_key_value", f"query_key_value_{s}", s) for s in "qkv"]
-        return load_by_name(self, self._split_fused(weights), stacked)
+        arch = self.arch
+        return load_with_fused_qkv(
+            self, weights, fused="query_key_value", family="Falcon",
+            split=lambda t: split_query_key_value(t, arch.num_heads, arch.num_kv_heads,
+                                                  arch.head_dim))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import LayerNorm
 from kvflow.models.base import (CausalLM, ModelContext, ModelDescription, bind_weight_loaders,
-                                get_cfg, load_by_name)
+                                get_cfg, load_with_fused_qkv)
 
 _NORM_TYPES = ("layernorm", "low_precision_layernorm")
 
@@ -255,25 +255,10 @@ class MptForCausalLM(CausalLM):
             logits = logits * self.arch.logit_scale
         return logits
 
-    def _split_wqkv(self, weights: Iterable[tuple[str, torch.Tensor]]
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Cuts each checkpoint ``Wqkv`` ([q | k | v] along the output) into its three parts.
-
-        The parts load as the q/k/v shards of the parameter, so every
-        tensor-parallel rank picks its own heads of each.
-        """
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Wqkv is [q | k | v] along the output.
         q_size = self.arch.num_heads * self.arch.head_dim
         kv_size = self.arch.num_kv_heads * self.arch.head_dim
-        for name, tensor in weights:
-            if ".attn.Wqkv." not in name:
-                yield name, tensor
-                continue
-            if not name.endswith((".weight", ".bias")):
-                raise ValueError(f"Checkpoint tensor {name!r}: kvflow splits MPT's fused Wqkv "
-                                 "only for unquantized weights.")
-            for shard, part in zip("qkv", tensor.split([q_size, kv_size, kv_size], dim=0)):
-                yield name.replace(".Wqkv.", f".Wqkv_{shard}."), part
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked = [("Wqkv", f"Wqkv_{s}", s) for s in "qkv"]
-        return load_by_name(self, self._split_wqkv(weights), stacked)
+        return load_with_fused_qkv(
+            self, weights, fused="Wqkv", family="MPT",
+            split=lambda t: t.split([q_size, kv_size, kv_size], dim=0))
