@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, Callable
 
 import torch
@@ -146,6 +147,41 @@ def hf_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def random_prompts(vocab: int, lens: list[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of the given lengths: BOS (1), then random ids above the special tokens."""
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(5, vocab) for _ in range(n - 1)] for n in lens]
+
+
+def kvflow_greedy(llm: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """kvflow's greedy continuation of every prompt, in one batch."""
+    from kvflow import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def greedy_references(root: Callable[[str], Any], tokenizer_dir: str,
+                      make_config: Callable[[str], Any], prompts: list[list[int]],
+                      new_tokens: int) -> Callable[[str], tuple[str, list, list]]:
+    """variant -> (checkpoint folder, prompts, transformers' greedy tokens), each made once.
+
+    ``root(name)`` gives a fresh folder (pytest's ``tmp_path_factory.mktemp``);
+    ``make_config(variant)`` the transformers config of that variant.
+    """
+    cache: dict[str, tuple[str, list, list]] = {}
+
+    def get(variant: str) -> tuple[str, list, list]:
+        if variant not in cache:
+            path = str(root(variant))
+            write_checkpoint(path, make_config(variant), tokenizer_from=tokenizer_dir)
+            cache[variant] = (path, prompts, hf_greedy(path, prompts, new_tokens))
+        return cache[variant]
+
+    return get
 
 
 def LLM32(*args: Any, **kwargs: Any):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -40,17 +39,6 @@ VARIANTS = {
 REMOTE_MODEL_TYPES = {"7b": "RefinedWebModel", "40b": "RefinedWeb", "rw_alibi": "RefinedWebModel"}
 
 
-def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(5, vocab) for _ in range(n - 1)] for n in PROMPT_LENS]
-
-
-def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.fixture(scope="module")
 def vocab(tokenizer_dir: str) -> int:
     return len(AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -65,25 +53,17 @@ def _falcon_config(vocab: int, **overrides) -> FalconConfig:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, tokenizer_dir, vocab):
     """variant -> (checkpoint folder, prompts, transformers' greedy tokens), made once."""
-    cache: dict[str, tuple[str, list, list]] = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            path = str(tmp_path_factory.mktemp(f"falcon-{variant}"))
-            tiny_models.write_checkpoint(path, _falcon_config(vocab, **VARIANTS[variant]),
-                                         tokenizer_from=tokenizer_dir)
-            prompts = _prompts(vocab)
-            cache[variant] = (path, prompts, tiny_models.hf_greedy(path, prompts, NEW_TOKENS))
-        return cache[variant]
-
-    return get
+    return tiny_models.greedy_references(
+        lambda v: tmp_path_factory.mktemp(f"falcon-{v}"), tokenizer_dir,
+        lambda v: _falcon_config(vocab, **VARIANTS[v]),
+        tiny_models.random_prompts(vocab, PROMPT_LENS), NEW_TOKENS)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_matches_transformers(variant, references):
     path, prompts, expected = references(variant)
     llm = LLM(path, max_model_len=MAX_LEN)
-    assert _greedy(llm, prompts) == expected
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
     # Again: the prompts now hit the prefix cache.
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -99,7 +79,7 @@ def test_greedy_under_preemption_and_chunking(variant, references):
     # a 16-token budget splits every long prompt into chunks.
     llm = LLM(path, max_model_len=MAX_LEN, num_gpu_blocks_override=8,
               max_num_batched_tokens=16, block_size=16)
-    assert _greedy(llm, prompts) == expected
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
     sched = llm.llm_engine.scheduler
     assert sched.num_preemptions > 0
     assert sched.kv_cache_manager.num_free_blocks == 8
@@ -113,7 +93,7 @@ def test_tensor_parallel_greedy_matches_transformers(variant, references):
     path, prompts, expected = references(variant)
     llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2, device="cpu")
     try:
-        assert _greedy(llm, prompts) == expected
+        assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
     finally:
         llm.llm_engine.shutdown()
 
@@ -156,7 +136,7 @@ def test_remote_code_layout_matches_transformers(variant, references, tmp_path, 
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(folder))
     llm = LLM(str(folder), max_model_len=MAX_LEN)
     assert llm.llm_engine.config.model_config.architecture == "RWForCausalLM"
-    assert _greedy(llm, prompts) == expected
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
 
 
 @pytest.mark.parametrize("variant,tp", [("40b", 2), ("40b", 4), ("7b", 2), ("rw_alibi", 2)])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 
 import pytest
@@ -39,17 +38,6 @@ VARIANTS = {
 }
 
 
-def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(5, vocab) for _ in range(n - 1)] for n in PROMPT_LENS]
-
-
-def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.fixture(scope="module")
 def vocab(tokenizer_dir: str) -> int:
     return len(AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -64,26 +52,17 @@ def _mpt_config(vocab: int, n_heads: int, attn_config: dict) -> MptConfig:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, tokenizer_dir, vocab):
     """variant -> (checkpoint folder, prompts, transformers' greedy tokens), made once."""
-    cache: dict[str, tuple[str, list, list]] = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            n_heads, attn = VARIANTS[variant]
-            path = str(tmp_path_factory.mktemp(f"mpt-{variant}"))
-            tiny_models.write_checkpoint(path, _mpt_config(vocab, n_heads, attn),
-                                         tokenizer_from=tokenizer_dir)
-            prompts = _prompts(vocab)
-            cache[variant] = (path, prompts, tiny_models.hf_greedy(path, prompts, NEW_TOKENS))
-        return cache[variant]
-
-    return get
+    return tiny_models.greedy_references(
+        lambda v: tmp_path_factory.mktemp(f"mpt-{v}"), tokenizer_dir,
+        lambda v: _mpt_config(vocab, *VARIANTS[v]),
+        tiny_models.random_prompts(vocab, PROMPT_LENS), NEW_TOKENS)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_matches_transformers(variant, references):
     path, prompts, expected = references(variant)
     llm = LLM(path, max_model_len=MAX_LEN)
-    assert _greedy(llm, prompts) == expected
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
     # Again: the prompts now hit the prefix cache; ALiBi must see the same distances.
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -111,7 +90,7 @@ def test_greedy_under_preemption_and_chunking(references):
     # a 16-token budget splits every long prompt into chunks.
     llm = LLM(path, max_model_len=MAX_LEN, num_gpu_blocks_override=8,
               max_num_batched_tokens=16, block_size=16)
-    assert _greedy(llm, prompts) == expected
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
     sched = llm.llm_engine.scheduler
     assert sched.num_preemptions > 0
     assert sched.kv_cache_manager.num_free_blocks == 8
@@ -123,7 +102,7 @@ def test_tensor_parallel_greedy_matches_transformers(references):
     path, prompts, expected = references("heads6")
     llm = LLM(path, max_model_len=MAX_LEN, tensor_parallel_size=2, device="cpu")
     try:
-        assert _greedy(llm, prompts) == expected
+        assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
     finally:
         llm.llm_engine.shutdown()
 
@@ -191,7 +170,8 @@ def test_mosaicml_layout_matches_transformers(references, tmp_path, tokenizer_di
     assert set(weights) == _mosaicml_names(2, has_bias=False, has_qk_ln=False)
     folder = _write_mosaicml_folder(str(tmp_path / "mosaicml"),
                                     _mosaicml_config(vocab, 96, 6, {}), weights, tokenizer_dir)
-    assert _greedy(LLM(folder, max_model_len=MAX_LEN), prompts) == expected
+    llm = LLM(folder, max_model_len=MAX_LEN)
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
 
 
 # name -> (n_heads, attn_config overrides, top-level overrides)
@@ -305,11 +285,11 @@ def test_mosaicml_only_features(variant, tmp_path, tokenizer_dir, vocab):
     assert set(weights) == _mosaicml_names(2, has_bias=not cfg["no_bias"],
                                            has_qk_ln=cfg["attn_config"]["qk_ln"])
     folder = _write_mosaicml_folder(str(tmp_path / variant), cfg, weights, tokenizer_dir)
-    prompts = _prompts(vocab, seed=1)
+    prompts = tiny_models.random_prompts(vocab, PROMPT_LENS, seed=1)
     expected = _mosaicml_greedy(cfg, weights, prompts)
     llm = LLM(folder, max_model_len=MAX_LEN, max_num_batched_tokens=16)
     assert llm.llm_engine.config.model_config.num_kv_heads == _num_kv_heads(cfg)
-    assert _greedy(llm, prompts) == expected
+    assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
 
 
 def test_tensor_parallel_shards_of_fused_wqkv(monkeypatch, tmp_path, tokenizer_dir, vocab):
