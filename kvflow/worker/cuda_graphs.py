@@ -1,16 +1,31 @@
-"""CUDA graphs for decode-only steps.
+"""CUDA graphs for whole forward passes: decode-only steps and mixed prefill/decode steps.
 
 Why: at batch 1 a decode step of an 8B model is ~300 kernel launches; launched
 one by one from Python the GPU waits on the CPU (BENCHMARKS.md: 15.3 ms eager
-against 6.7 ms captured). The graphs are captured once at start-up for a set of
-padded batch sizes and replayed with the step's inputs copied into persistent
-buffers::
+against 6.7 ms captured). A step that carries a prefill chunk is no different:
+eager, it is launch-bound at ~15 ms while its GPU work takes 6-8 ms, so under
+serving load (S1) every step with a new prompt in it stretched the decodes'
+inter-token time. Graphs are captured once at start-up and replayed with the
+step's inputs copied into persistent buffers. Two families::
 
-    sizes 1 2 4 8 16 24 32 48 ... max_num_seqs     a batch of 13 decodes runs the 16-graph;
-    rows 13..15 are padding: slot -1 (no KV write), seq_len 1, output ignored
+    decode   key = padded batch size   1 2 4 8 16 24 32 48 ... max_num_seqs
+             one token per request: a batch of 13 decodes runs the 16-graph;
+             rows 13..15 are padding (slot -1: no KV write, seq_len 1, output ignored)
 
-Only the Triton backend is captured: it reads lengths from device tensors and
-launches a fixed grid, where the torch reference shapes its work on the host.
+    mixed    key = padded token count  8 16 32 64 96 128 192 256 384 512
+             any mix of prefill chunks and decodes: 3 decodes + a 70-token chunk
+             (73 tokens, 4 requests) run the 96-graph, captured for 96 requests:
+               tokens   | 73 real tokens | 23 padding (slot -1)      |
+               requests | 4 real         | 92 with no token (q_len 0) |
+             query_start_loc = [0, 1, 2, 3, 73, 73, 73, ...]
+
+The Triton attention kernel makes this possible: its grid depends only on the
+token and request counts, and it reads every length from device tensors, so a
+padded request with no token exits at once and a padding token (past
+``query_start_loc[B]``) is never attended. Every other layer works row by row,
+so padding rows only cost their FLOPs. Steps of more tokens than the largest
+mixed graph are compute-bound and run eagerly. Only the Triton backend is
+captured: the torch reference shapes its work on the host.
 """
 
 from __future__ import annotations
@@ -30,17 +45,99 @@ if TYPE_CHECKING:  # Triton is only needed (and maybe only installed) on CUDA ma
 logger = logging.getLogger("kvflow")
 
 
-# Padded batch sizes with a graph. A decode step reads every weight once whatever its
-# batch, so padding up to the next size costs little; each size captured costs start-up
+# Padded batch sizes with a decode graph. A decode step reads every weight once whatever
+# its batch, so padding up to the next size costs little; each size captured costs start-up
 # time (C1 in benchmarks/RESULTS.md), so the list thins out as batches grow.
 _CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256)
 
+# Padded token counts with a mixed graph. Up to ~300 tokens an 8B step still reads more
+# bytes of weights than it computes FLOPs (H100: ~300 FLOP/byte), so padding is nearly
+# free; above, a step is compute-bound, its launches hide behind the GPU work, and padding
+# would cost real time: the list stops at 512.
+_MIXED_SIZES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes of the decode graphs: every batch up to the last has one that holds it."""
     sizes = [s for s in _CAPTURE_SIZES if s <= max_num_seqs]
     if not sizes or sizes[-1] < min(max_num_seqs, _CAPTURE_SIZES[-1]):
         sizes.append(min(max_num_seqs, _CAPTURE_SIZES[-1]))
     return sizes
+
+
+def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
+    """Token counts of the mixed graphs (none when a step holds fewer than 8 tokens)."""
+    cap = min(max_num_batched_tokens, _MIXED_SIZES[-1])
+    sizes = [s for s in _MIXED_SIZES if s <= cap]
+    if sizes and sizes[-1] < cap:
+        sizes.append(cap)
+    return sizes
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """Which graph runs a step: its kind and the padded token / request counts."""
+
+    mixed: bool
+    num_tokens: int
+    num_reqs: int
+
+
+def choose_graph(num_tokens: int, num_reqs: int, max_query_len: int, decode_sizes: list[int],
+                 mixed_sizes: list[int], max_num_seqs: int) -> Optional[GraphKey]:
+    """The smallest graph that holds the step, or None (the step runs eagerly).
+
+    Decode-only steps prefer a decode graph (its attention tiles fit one token per
+    request); a decode-only batch larger than the largest decode graph, and every step
+    with a prefill chunk, take a mixed graph if one holds its tokens.
+    """
+    if max_query_len == 1 and decode_sizes and num_reqs <= decode_sizes[-1]:
+        bs = next(s for s in decode_sizes if s >= num_reqs)
+        return GraphKey(False, bs, bs)
+    if mixed_sizes and num_tokens <= mixed_sizes[-1]:
+        size = next(s for s in mixed_sizes if s >= num_tokens)
+        # Every request brings >= 1 token, so min(size, max_num_seqs) rows always suffice.
+        return GraphKey(True, size, min(size, max_num_seqs))
+    return None
+
+
+@dataclass
+class PaddedInputs:
+    """A step's inputs padded on the host to a graph's shape (pinned on CUDA)."""
+
+    input_ids: torch.Tensor  # long [T_pad]
+    positions: torch.Tensor  # long [T_pad]
+    slot_mapping: torch.Tensor  # long [T_pad], -1 past the real tokens
+    seq_lens: torch.Tensor  # int32 [B_pad]
+    block_tables: torch.Tensor  # int32 [B_pad, P']
+    query_start_loc: Optional[torch.Tensor]  # int32 [B_pad + 1]; None for decode graphs
+
+
+def pad_inputs(key: GraphKey, input_ids: list[int], positions: list[int], slots: list[int],
+               query_start: list[int], seq_lens: list[int], tables: list[list[int]],
+               pin: bool) -> PaddedInputs:
+    """Pads a step's host lists to ``key``'s shape; the layouts are drawn in the module doc.
+
+    Decode graphs keep ``query_start_loc = arange`` in their buffer, so a padding request
+    there owns one padding token (seq_len 1, slot -1); mixed graphs give padding requests
+    no token at all (``query_start_loc`` repeats the real token count).
+    """
+    num_tokens, num_reqs = len(input_ids), len(seq_lens)
+    assert num_tokens <= key.num_tokens and num_reqs <= key.num_reqs, (key, num_tokens, num_reqs)
+    extra_t = key.num_tokens - num_tokens
+    extra_b = key.num_reqs - num_reqs
+    width = max(len(t) for t in tables)
+    table_rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * extra_b
+    qsl = None
+    if key.mixed:
+        qsl = torch.tensor(query_start + [num_tokens] * extra_b, dtype=torch.int32, pin_memory=pin)
+    return PaddedInputs(
+        input_ids=torch.tensor(input_ids + [0] * extra_t, dtype=torch.long, pin_memory=pin),
+        positions=torch.tensor(positions + [0] * extra_t, dtype=torch.long, pin_memory=pin),
+        slot_mapping=torch.tensor(slots + [-1] * extra_t, dtype=torch.long, pin_memory=pin),
+        seq_lens=torch.tensor(seq_lens + [1] * extra_b, dtype=torch.int32, pin_memory=pin),
+        block_tables=torch.tensor(table_rows, dtype=torch.int32, pin_memory=pin),
+        query_start_loc=qsl)
 
 
 @dataclass
@@ -50,35 +147,50 @@ class _Graph:
 
 
 class CUDAGraphRunner:
-    """Captures the model's decode forward per padded batch size; replays it per step."""
+    """Captures the model's forward per graph key; replays the one that holds a step."""
 
     def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], *, max_num_seqs: int,
-                 max_model_len: int, block_size: int, device: torch.device,
-                 attn_backend: TritonAttentionBackend, num_kv_heads: int) -> None:
+                 max_num_batched_tokens: int, max_model_len: int, block_size: int,
+                 device: torch.device, attn_backend: TritonAttentionBackend,
+                 num_kv_heads: int) -> None:
         self.model = model
         self.attn_backend = attn_backend
         self.num_kv_heads = num_kv_heads
         self.kv_caches = kv_caches
+        self.max_num_seqs = max_num_seqs
         self.sizes = capture_sizes(max_num_seqs)
-        self.max_bs = self.sizes[-1]
+        self.mixed_sizes = mixed_capture_sizes(max_num_batched_tokens)
         self.max_model_len = max_model_len
         self.device = device
         self.max_blocks = -(-max_model_len // block_size)
-        n = self.max_bs
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[int, _Graph] = {}
+        keys = [GraphKey(False, s, s) for s in self.sizes]
+        keys += [GraphKey(True, s, min(s, max_num_seqs)) for s in self.mixed_sizes]
+        # Largest first: the smaller graphs then reuse the pool memory of the larger ones.
+        self.keys = sorted(keys, key=lambda k: (k.num_tokens, k.num_reqs), reverse=True)
+        max_t = max(k.num_tokens for k in keys)
+        max_b = max(k.num_reqs for k in keys)
+        self.input_ids = torch.zeros(max_t, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_t, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_t,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(max_b, dtype=torch.int32, device=device)
+        self.decode_qsl = torch.arange(max_b + 1, dtype=torch.int32, device=device)
+        self.mixed_qsl = torch.zeros(max_b + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_b, self.max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[GraphKey, _Graph] = {}
+        self.replays = {"decode": 0, "mixed": 0}
+        """Steps replayed per graph family (tests and benchmarks read it)."""
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, key: GraphKey) -> AttentionMetadata:
+        t, b = key.num_tokens, key.num_reqs
+        qsl = self.mixed_qsl if key.mixed else self.decode_qsl
+        # max_query_len only picks the attention tiles: a mixed graph keeps prefill tiles,
+        # right for any query lengths up to its token count.
         return AttentionMetadata(
-            num_tokens=bs, max_query_len=1, max_seq_len=self.max_model_len,
-            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-            query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
+            num_tokens=t, max_query_len=t if key.mixed else 1, max_seq_len=self.max_model_len,
+            query_start_loc=qsl[: b + 1], seq_lens=self.seq_lens[:b],
+            block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:t],
+            query_start_loc_cpu=[0] * (b + 1) if key.mixed else list(range(b + 1)),
+            seq_lens_cpu=[1] * b)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -87,12 +199,14 @@ class CUDAGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         backend = self.attn_backend
-        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
-            # A replay keeps the split-KV factor of its capture: pin one per batch size.
-            backend.num_kv_splits = graph_num_kv_splits(bs, self.num_kv_heads,
-                                                        num_sms(self.device))
-            md = self._metadata(bs)
-            args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
+        for key in self.keys:
+            # A replay keeps the split-KV factor of its capture: pin one per decode batch
+            # size (mixed steps never split: their prefill q-blocks fill the SMs).
+            backend.num_kv_splits = 1 if key.mixed else graph_num_kv_splits(
+                key.num_reqs, self.num_kv_heads, num_sms(self.device))
+            md = self._metadata(key)
+            args = (self.input_ids[:key.num_tokens], self.positions[:key.num_tokens],
+                    self.kv_caches, md)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self.model(*args)  # warm up: Triton compiles, cuBLAS picks its kernels
@@ -100,40 +214,41 @@ class CUDAGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model(*args)
-            self.graphs[bs] = _Graph(graph, hidden)
+            self.graphs[key] = _Graph(graph, hidden)
         backend.num_kv_splits = None  # eager steps choose from each step's lengths
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s and mixed steps of %s tokens",
+                    self.sizes, self.mixed_sizes)
 
-    def can_run(self, num_reqs: int, max_query_len: int) -> bool:
-        return max_query_len == 1 and num_reqs <= self.max_bs and bool(self.graphs)
-
-    def padded_size(self, num_reqs: int) -> int:
-        return next(s for s in self.sizes if s >= num_reqs)
+    def choose(self, num_tokens: int, num_reqs: int, max_query_len: int) -> Optional[GraphKey]:
+        if not self.graphs:
+            return None
+        return choose_graph(num_tokens, num_reqs, max_query_len, self.sizes, self.mixed_sizes,
+                            self.max_num_seqs)
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    def run(self, key: GraphKey, inputs: PaddedInputs,
             fill: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """Replays the smallest graph that holds the batch; returns hidden [n, hidden].
+        """Replays ``key``'s graph on inputs padded to its shape; returns hidden [T_pad, hidden].
 
-        The inputs are host tensors (pinned on CUDA, so the copies do not wait
-        for the GPU); ``fill`` = (rows, ids) on the device overwrites those
-        rows of ``input_ids`` after the copy: tokens still being sampled by the
-        previous step, taken straight from its output.
+        The inputs are host tensors (pinned on CUDA, so the copies do not wait for the
+        GPU); ``fill`` = (rows, ids) on the device overwrites those rows of ``input_ids``
+        after the copy: tokens still being sampled by the previous step, taken straight
+        from its output.
         """
-        n = input_ids.shape[0]
-        bs = self.padded_size(n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        t, b = key.num_tokens, key.num_reqs
+        self.input_ids[:t].copy_(inputs.input_ids, non_blocking=True)
         if fill is not None:
             self.input_ids.index_copy_(0, fill[0], fill[1])
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slots, non_blocking=True)
-        self.slot_mapping[n:bs].fill_(-1)
-        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
-        self.seq_lens[n:bs].fill_(1)
-        width = block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(block_tables, non_blocking=True)
-        entry = self.graphs[bs]
+        self.positions[:t].copy_(inputs.positions, non_blocking=True)
+        self.slot_mapping[:t].copy_(inputs.slot_mapping, non_blocking=True)
+        self.seq_lens[:b].copy_(inputs.seq_lens, non_blocking=True)
+        width = inputs.block_tables.shape[1]
+        self.block_tables[:b, :width].copy_(inputs.block_tables, non_blocking=True)
+        if key.mixed:
+            assert inputs.query_start_loc is not None
+            self.mixed_qsl[: b + 1].copy_(inputs.query_start_loc, non_blocking=True)
+        entry = self.graphs[key]
         entry.graph.replay()
-        return entry.hidden[:n]
+        self.replays["mixed" if key.mixed else "decode"] += 1
+        return entry.hidden

@@ -34,7 +34,7 @@ from kvflow.layers.sampler import (Sampler, SamplerOutput, SamplingRow, needs_ou
                                    to_device, top_logprobs)
 from kvflow.models.base import CausalLM
 from kvflow.sampling_params import SamplingParams
-from kvflow.worker.cuda_graphs import CUDAGraphRunner
+from kvflow.worker.cuda_graphs import CUDAGraphRunner, pad_inputs
 
 PENDING = -1
 """Stands in ``RequestState.token_ids`` for a token sampled by a step not read back yet."""
@@ -188,10 +188,9 @@ class ModelRunner:
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
-        """Runs the model on the batch (replaying a CUDA graph for decodes); returns hidden."""
+        """Runs the model on the batch (replaying a CUDA graph where one holds it);
+        returns hidden states, one row per token."""
         dev = self.device
-        width = max(len(t) for t in b.tables)
-        block_tables = [t + [0] * (width - len(t)) for t in b.tables]
         fill = None
         if b.fill_rows:
             assert self._last_sampled is not None, "a pending token without a previous step"
@@ -199,14 +198,14 @@ class ModelRunner:
             fill = (rows[0], self._last_sampled.index_select(0, rows[1]))
         max_query_len = max(b - a for a, b in zip(b.query_start, b.query_start[1:]))
         graphs = self.graph_runner
-        if graphs is not None and graphs.can_run(len(b.seq_lens), max_query_len):
-            pin = dev.type == "cuda"
-            return graphs.run(
-                torch.tensor(b.input_ids, dtype=torch.long, pin_memory=pin),
-                torch.tensor(b.positions, dtype=torch.long, pin_memory=pin),
-                torch.tensor(b.slots, dtype=torch.long, pin_memory=pin),
-                torch.tensor(b.seq_lens, dtype=torch.int32, pin_memory=pin),
-                torch.tensor(block_tables, dtype=torch.int32, pin_memory=pin), fill)
+        key = None if graphs is None else graphs.choose(len(b.input_ids), len(b.seq_lens),
+                                                         max_query_len)
+        if key is not None:
+            inputs = pad_inputs(key, b.input_ids, b.positions, b.slots, b.query_start,
+                                b.seq_lens, b.tables, pin=dev.type == "cuda")
+            return graphs.run(key, inputs, fill)[: len(b.input_ids)]
+        width = max(len(t) for t in b.tables)
+        block_tables = [t + [0] * (width - len(t)) for t in b.tables]
         metadata = AttentionMetadata(
             num_tokens=len(b.input_ids),
             max_query_len=max_query_len,

@@ -84,6 +84,7 @@ class Worker:
 
             sc = self.config.scheduler_config
             graphs = CUDAGraphRunner(self.model, kv_caches, max_num_seqs=sc.max_num_seqs,
+                                     max_num_batched_tokens=sc.max_num_batched_tokens,
                                      max_model_len=sc.max_model_len, block_size=cc.block_size,
                                      device=self.device, attn_backend=self.attn_backend,
                                      num_kv_heads=self.num_kv_heads)
