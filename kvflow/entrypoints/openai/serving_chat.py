@@ -25,17 +25,11 @@ from kvflow.entrypoints.openai.errors import (
     stream_error_status,
 )
 from kvflow.entrypoints.openai.protocol import (
-    ChatCompletionLogProbs,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
-    ChatCompletionStreamChoice,
-    ChatCompletionStreamResponse,
-    ChatLogProb,
-    ChatLogProbsContent,
     ChatMessage,
     ChatResponseMessage,
-    DeltaMessage,
     UsageInfo,
 )
 from kvflow.entrypoints.openai.serving_base import (
@@ -46,6 +40,12 @@ from kvflow.entrypoints.openai.serving_base import (
     run_until_disconnect,
 )
 from kvflow.entrypoints.openai.sse import SSEResponse, sse_done, sse_event
+from kvflow.entrypoints.openai.stream_chunks import (
+    ChunkWriter,
+    chat_choice,
+    chat_opening_choice,
+    usage_dict,
+)
 from kvflow.outputs import Logprob, RequestOutput
 
 _FIELDS = frozenset(ChatCompletionRequest.model_fields)
@@ -166,7 +166,8 @@ class OpenAIServingChat(OpenAIServing):
 
     # ------------------------------------------------------------------ logprobs
     def chat_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]],
-                      num_top: int, as_ids: bool) -> ChatCompletionLogProbs:
+                      num_top: int, as_ids: bool) -> dict[str, Any]:
+        """``ChatCompletionLogProbs`` as a dict (the stream writes it without pydantic)."""
         content = []
         for token_id, entry in zip(token_ids, entries):
             chosen = entry.get(token_id)
@@ -175,12 +176,13 @@ class OpenAIServingChat(OpenAIServing):
             top = []
             for tid, lp in ranked:
                 text = self.token_text(tid, lp, as_ids)
-                top.append(ChatLogProb(token=text, logprob=clamp_logprob(lp.logprob),
-                                       bytes=list(text.encode("utf-8"))))
-            content.append(ChatLogProbsContent(
-                token=token, logprob=clamp_logprob(chosen.logprob if chosen else float("nan")),
-                bytes=list(token.encode("utf-8")), top_logprobs=top))
-        return ChatCompletionLogProbs(content=content)
+                top.append({"token": text, "logprob": clamp_logprob(lp.logprob),
+                            "bytes": list(text.encode("utf-8"))})
+            content.append({
+                "token": token,
+                "logprob": clamp_logprob(chosen.logprob if chosen else float("nan")),
+                "bytes": list(token.encode("utf-8")), "top_logprobs": top})
+        return {"content": content}
 
     # ------------------------------------------------------------------ whole response
     async def _full(self, request: ChatCompletionRequest, prompt: EnginePrompt, model: str,
@@ -242,18 +244,11 @@ class OpenAIServingChat(OpenAIServing):
         num_prompt = len(prompt.token_ids)
         num_generated = 0
         as_ids = bool(request.return_tokens_as_token_ids)
+        writer = ChunkWriter(request_id, "chat.completion.chunk", created, model)
 
-        def usage() -> UsageInfo:
-            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                             total_tokens=num_prompt + num_generated)
-
-        def event(choice: ChatCompletionStreamChoice) -> str:
-            chunk = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk",
-                                                 created=created, model=model,
-                                                 choices=[choice])
-            if continuous:
-                chunk.usage = usage()
-            return sse_event(chunk.model_dump_json(exclude_unset=True))
+        def event(choice: dict[str, Any]) -> str:
+            return writer.event(choice,
+                                usage_dict(num_prompt, num_generated) if continuous else None)
 
         ended: set[int] = set()
 
@@ -276,31 +271,23 @@ class OpenAIServingChat(OpenAIServing):
                 if request.logprobs:
                     logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
                                                   request.top_logprobs or 0, as_ids)
-                events.append(event(ChatCompletionStreamChoice(
-                    index=comp.index, delta=DeltaMessage(content=comp.text), logprobs=logprobs,
-                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
-                    token_ids=list(comp.token_ids) if request.return_token_ids else None)))
+                events.append(event(chat_choice(
+                    comp.index, {"content": comp.text}, logprobs, comp.finish_reason,
+                    comp.stop_reason, list(comp.token_ids) if request.return_token_ids else None)))
             return events
 
         try:
             for i in range(request.n):
-                yield event(ChatCompletionStreamChoice(
-                    index=i, delta=DeltaMessage(role="assistant", content=""),
-                    logprobs=None, finish_reason=None))
+                yield event(chat_opening_choice(i, {"role": "assistant", "content": ""}))
                 if echo:
-                    yield event(ChatCompletionStreamChoice(
-                        index=i, delta=DeltaMessage(content=echo), logprobs=None,
-                        finish_reason=None))
+                    yield event(chat_opening_choice(i, {"content": echo}))
             for item in chunks(first):
                 yield item
             async for _, out in outputs:
                 for item in chunks(out):
                     yield item
             if include_usage:
-                final = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk",
-                                                     created=created, model=model,
-                                                     choices=[], usage=usage())
-                yield sse_event(final.model_dump_json(exclude_unset=True))
+                yield writer.event(None, usage_dict(num_prompt, num_generated))
         except Exception as exc:  # after the 200 went out, an error can only be an event
             status = stream_error_status(exc)
             yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))

@@ -22,11 +22,9 @@ from kvflow.entrypoints.openai.errors import (
     stream_error_status,
 )
 from kvflow.entrypoints.openai.protocol import (
-    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
-    CompletionStreamResponse,
     UsageInfo,
 )
 from kvflow.entrypoints.openai.serving_base import (
@@ -37,6 +35,7 @@ from kvflow.entrypoints.openai.serving_base import (
     run_until_disconnect,
 )
 from kvflow.entrypoints.openai.sse import SSEResponse, sse_done, sse_event
+from kvflow.entrypoints.openai.stream_chunks import ChunkWriter, completion_choice, usage_dict
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 
 _FIELDS = frozenset(CompletionRequest.model_fields)
@@ -137,7 +136,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _logprobs(self, request: CompletionRequest, prompt: EnginePrompt,
                   out: RequestOutput, comp: CompletionOutput, *, echo: bool,
-                  offset: int = 0) -> CompletionLogProbs:
+                  offset: int = 0) -> dict[str, Any]:
         """OpenAI's parallel lists for the choice's tokens (the prompt's first when echoing)."""
         token_ids: list[int] = []
         entries: list[Optional[dict[int, Logprob]]] = []
@@ -153,7 +152,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def completion_logprobs(self, token_ids: list[int],
                             entries: list[Optional[dict[int, Logprob]]], as_ids: bool,
-                            offset: int) -> CompletionLogProbs:
+                            offset: int) -> dict[str, Any]:
+        """``CompletionLogProbs`` as a dict (the stream writes it without pydantic)."""
         tokens: list[str] = []
         text_offset: list[int] = []
         token_logprobs: list[Optional[float]] = []
@@ -172,9 +172,8 @@ class OpenAIServingCompletion(OpenAIServing):
             top_logprobs.append({
                 self.token_text(tid, lp, as_ids): clamp_logprob(lp.logprob)
                 for tid, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)})
-        # Built whole, so that exclude_unset dumps of stream chunks keep every list.
-        return CompletionLogProbs(text_offset=text_offset, token_logprobs=token_logprobs,
-                                  tokens=tokens, top_logprobs=top_logprobs)
+        return {"text_offset": text_offset, "token_logprobs": token_logprobs, "tokens": tokens,
+                "top_logprobs": top_logprobs}
 
     # ------------------------------------------------------------------ streaming
     async def _stream(self, request: CompletionRequest, raw: Request,
@@ -208,10 +207,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # DELTA outputs carry prompt logprobs in slices, as prefill chunks compute them.
         prompt_lps: dict[int, list[Any]] = {}
         as_ids = bool(request.return_tokens_as_token_ids)
-
-        def usage() -> UsageInfo:
-            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                             total_tokens=num_prompt + num_generated)
+        writer = ChunkWriter(request_id, "text_completion", created, model)
 
         def chunks(index: int, out: RequestOutput) -> list[str]:
             nonlocal num_generated
@@ -249,23 +245,19 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.logprobs is not None:
                     logprobs = self.completion_logprobs(token_ids, entries, as_ids,
                                                         offsets.get(choice_index, 0))
-                    if logprobs.text_offset:
-                        offsets[choice_index] = (logprobs.text_offset[-1]
-                                                 + len(logprobs.tokens[-1]))
-                choice = CompletionResponseChoice(
-                    index=choice_index, text=text, logprobs=logprobs,
-                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason)
+                    if logprobs["text_offset"]:
+                        offsets[choice_index] = (logprobs["text_offset"][-1]
+                                                 + len(logprobs["tokens"][-1]))
+                prompt_ids = ids = None
                 if request.return_token_ids:
-                    choice.token_ids = list(comp.token_ids)
+                    ids = list(comp.token_ids)
                     if choice_index not in ids_sent:
                         ids_sent.add(choice_index)
-                        choice.prompt_token_ids = prompt.token_ids
-                chunk = CompletionStreamResponse(
-                    id=request_id, object="text_completion", created=created, model=model,
-                    choices=[choice])
-                if continuous:
-                    chunk.usage = usage()
-                events.append(sse_event(chunk.model_dump_json(exclude_unset=True)))
+                        prompt_ids = prompt.token_ids
+                choice = completion_choice(choice_index, text, logprobs, comp.finish_reason,
+                                           comp.stop_reason, prompt_ids, ids)
+                events.append(writer.event(
+                    choice, usage_dict(num_prompt, num_generated) if continuous else None))
             return events
 
         try:
@@ -275,10 +267,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 for event in chunks(index, out):
                     yield event
             if include_usage:
-                final = CompletionStreamResponse(id=request_id, object="text_completion",
-                                                 created=created, model=model, choices=[],
-                                                 usage=usage())
-                yield sse_event(final.model_dump_json(exclude_unset=True))
+                yield writer.event(None, usage_dict(num_prompt, num_generated))
         except Exception as exc:  # after the 200 went out, an error can only be an event
             status = stream_error_status(exc)
             yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
