@@ -1,7 +1,7 @@
 """GPU benchmark suite (BENCHMARKS.md): ceilings, L1, T1, T2, M1, C1, K1 with peers in one run.
 
     python benchmarks/gpu_suite.py [--quick] [--shape llama3-8b|llama3.2-1b|qwen3-0.6b|...]
-                                   [--hf-compile] [--trace]
+                                   [--hf-compile] [--trace] [--no-mixed-graphs]
                                    [--skip L1,L1hf,T1,T1hf,T2,T2hf,C1,K1]
 
 Random weights of real shapes (``load_format="dummy"``), token-id prompts and
@@ -413,10 +413,16 @@ def main() -> int:
                     help="comma list of workloads to skip (L1,L1hf,T1,T1hf,T2,T2hf,C1,K1)")
     ap.add_argument("--hf-compile", action="store_true",
                     help="also L1 with HF's static cache + torch.compile (about a minute)")
+    ap.add_argument("--no-mixed-graphs", action="store_true",
+                    help="capture decode-only CUDA graphs (mixed steps eager): an A/B of the mixed graphs")
     ap.add_argument("--trace", action="store_true",
                     help="also the torch.profiler summary of an L1 decode step and a T1 run")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.no_mixed_graphs:
+        from kvflow.worker import cuda_graphs
+
+        cuda_graphs._MIXED_SIZES = ()
     if args.quick:
         skip.add("T2hf")  # T1's HF figure is the per-token peer in a short lease
         skip.add("C1")  # writing its 16 GB checkpoint alone takes a minute or more

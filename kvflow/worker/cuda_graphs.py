@@ -12,7 +12,7 @@ step's inputs copied into persistent buffers. Two families::
              one token per request: a batch of 13 decodes runs the 16-graph;
              rows 13..15 are padding (slot -1: no KV write, seq_len 1, output ignored)
 
-    mixed    key = padded token count  8 16 32 64 96 128 192 256 384 512
+    mixed    key = padded token count  8 16 32 48 64 96 128 160 ... 384 512
              any mix of prefill chunks and decodes: 3 decodes + a 70-token chunk
              (73 tokens, 4 requests) run the 96-graph, captured for 96 requests:
                tokens   | 73 real tokens | 23 padding (slot -1)      |
@@ -53,8 +53,10 @@ _CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 25
 # Padded token counts with a mixed graph. Up to ~300 tokens an 8B step still reads more
 # bytes of weights than it computes FLOPs (H100: ~300 FLOP/byte), so padding is nearly
 # free; above, a step is compute-bound, its launches hide behind the GPU work, and padding
-# would cost real time: the list stops at 512.
-_MIXED_SIZES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+# would cost real time: the list stops at 512. Steps of a prefill chunk plus a few dozen
+# decodes (S1 with a 128-token cap: ~150 tokens) fall between the sizes, hence the steps of
+# 32 there. Benchmarks empty the tuple for an A/B (gpu_suite.py --no-mixed-graphs).
+_MIXED_SIZES: tuple[int, ...] = (8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -67,6 +69,8 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
     """Token counts of the mixed graphs (none when a step holds fewer than 8 tokens)."""
+    if not _MIXED_SIZES:
+        return []
     cap = min(max_num_batched_tokens, _MIXED_SIZES[-1])
     sizes = [s for s in _MIXED_SIZES if s <= cap]
     if sizes and sizes[-1] < cap:
