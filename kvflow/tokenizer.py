@@ -7,10 +7,72 @@ import os
 from typing import Any, Optional
 
 
+_PLAIN_FAST_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+"""tokenizer_config.json's names for transformers' generic fast tokenizer (4.x, 5.x)."""
+
+_PLAIN_FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "mpt", "falcon"})
+"""config.json model types for which AutoTokenizer keeps a generic class the folder declares.
+Not qwen2: transformers 5 loads ``Qwen2Tokenizer`` for it whatever tokenizer_config.json
+says. Other types are left to AutoTokenizer, whose per-type rules change between versions."""
+
+
 def load_tokenizer(path: Optional[str], *, trust_remote_code: bool = False) -> Any:
-    """A transformers fast tokenizer for the folder (no remote code is ever run)."""
+    """A transformers fast tokenizer for the folder (no remote code is ever run).
+
+    ``AutoTokenizer`` imports transformers' config machinery, which pulls in
+    torch.distributed.tensor, sympy and accelerate: seconds of start-up, more
+    where nothing is byte-compiled yet. A folder that declares the generic fast
+    tokenizer (see ``is_plain_fast_tokenizer``) is loaded by that class
+    directly, which is what AutoTokenizer would return for it; everything else
+    goes through AutoTokenizer (tests/test_tokenizer_fast.py compares the two).
+    """
     if path is None:
         return None
+    if is_plain_fast_tokenizer(path):
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        except Exception:  # AutoTokenizer then fails (or succeeds) on its own terms
+            pass
+    return _load_auto_tokenizer(path)
+
+
+def is_plain_fast_tokenizer(path: str) -> bool:
+    """True for a local folder whose tokenizer AutoTokenizer would load as the generic class.
+
+    That is: tokenizer.json is there, tokenizer_config.json names the generic
+    fast class and maps no custom code, no Mistral ``tekken.json`` competes, and
+    config.json (if any) is of a type in ``_PLAIN_FAST_MODEL_TYPES`` without
+    remote code.
+    """
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+            and not os.path.exists(os.path.join(path, "tekken.json"))):
+        return False
+    tokenizer_config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    if (tokenizer_config is None or "auto_map" in tokenizer_config
+            or tokenizer_config.get("tokenizer_class") not in _PLAIN_FAST_CLASSES):
+        return False
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        return True  # AutoTokenizer then goes by tokenizer_config.json alone
+    config = _read_json(config_path)
+    return (config is not None and "auto_map" not in config
+            and config.get("model_type") in _PLAIN_FAST_MODEL_TYPES)
+
+
+def _read_json(path: str) -> Optional[dict[str, Any]]:
+    """The file's JSON object; None if it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _load_auto_tokenizer(path: str) -> Any:
+    """``AutoTokenizer``, retried with kvflow's reading of config.json if its own fails."""
     from transformers import AutoTokenizer
 
     try:
