@@ -75,6 +75,10 @@ def test_chat_template_override(tiny_model, tmp_path, in_process):
         r = await client.post("/tokenize", json={"messages": messages})
         expected = apply_chat_template(llm.get_tokenizer(), messages, chat_template=TEMPLATE)
         assert r.json()["tokens"] == expected
+        # With special tokens (none: the tests' tokenizer has no post-processor); this was a
+        # 500 with transformers 5's fast tokenizers (no build_inputs_with_special_tokens).
+        r = await client.post("/tokenize", json={"messages": messages, "add_special_tokens": True})
+        assert r.status_code == 200 and r.json()["tokens"] == expected, r.text
         r = await client.post("/v1/chat/completions", json={
             "messages": messages, "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200

@@ -29,7 +29,7 @@ class OpenAIServingTokenization(OpenAIServingChat):
                               continue_final_message=request.continue_final_message,
                               chat_template=None, template_kwargs=request.chat_template_kwargs)
             if request.add_special_tokens:
-                ids = tokenizer.build_inputs_with_special_tokens(ids)
+                ids = with_special_tokens(tokenizer, ids)
         else:
             add_special = True if request.add_special_tokens is None else request.add_special_tokens
             ids = tokenizer.encode(request.prompt, add_special_tokens=add_special)
@@ -42,3 +42,21 @@ class OpenAIServingTokenization(OpenAIServingChat):
         tokenizer = self.require_tokenizer("tokens")
         self.check_token_ids(request.tokens, "tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
+
+
+def with_special_tokens(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` wrapped in the special tokens the tokenizer adds to one sequence (BOS, EOS).
+
+    transformers 5's fast tokenizers (``TokenizersBackend``) have no
+    ``build_inputs_with_special_tokens``, so the wrapping is read off the tokenizer's own
+    encoding of a one-word probe, with and without special tokens.
+    """
+    build = getattr(tokenizer, "build_inputs_with_special_tokens", None)
+    if build is not None:
+        return list(build(list(ids)))
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start] + list(ids) + full[start + len(plain):]
+    return list(ids)
