@@ -16,6 +16,36 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import tiny_models  # noqa: E402
 
+# Files whose tests are independent of each other (no module- or class-scoped fixture, no
+# order): under pytest-xdist they spread over the workers one test at a time.
+_SPREAD_FILES = {
+    "tests/attention/test_torch_backend.py",
+    "tests/kernels/test_gemv.py",
+    "tests/kernels/test_kernel_activation.py",
+    "tests/kernels/test_kernel_paged_attention.py",
+    "tests/kernels/test_kernel_reshape_and_cache.py",
+    "tests/kernels/test_kernel_rms_norm.py",
+    "tests/kernels/test_kernel_rotary.py",
+    "tests/kernels/test_kernel_triton_backend.py",
+    "tests/quantization/test_awq_format.py",
+    "tests/quantization/test_awq_int4pack.py",
+    "tests/quantization/test_awq_kernels.py",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist with ``--dist loadgroup`` (benchmarks/gpu_tests.sh), every other
+    test file runs whole, in its order, on one worker: its module-scoped engines and servers
+    are built once, and a test that must run after the others of its file (the engine-core
+    kill in tests/server/test_engine_core.py) still does. Without ``-n`` nothing changes."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers
+        return
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path not in _SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(path))
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:

@@ -32,7 +32,9 @@ def engines(checkpoint):
             family, overrides = CASES[case]
             path = checkpoint(family, **overrides)
             expected = tiny_models.hf_greedy(path, prompts(), NEW_TOKENS)
-            tp1 = LLM(path, max_model_len=128)
+            # Both on the CPU, also where there is a GPU: seeded draws and logprobs are
+            # compared, and CPU and CUDA generators (and float16) would differ.
+            tp1 = LLM(path, max_model_len=128, device="cpu")
             tp2 = LLM(path, max_model_len=128, tensor_parallel_size=2, device="cpu")
             made[case] = (tp1, tp2, expected)
         return made[case]

