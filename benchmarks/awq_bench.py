@@ -3,7 +3,7 @@ next to kvflow bf16 on the same shape, in one run.
 
     python benchmarks/awq_bench.py [--quick] [--shape llama3-8b|llama2-7b|tiny]
                                    [--group-size 128] [--workdir DIR] [--skip L1,T1]
-                                   [--awq-kernels auto,triton,int4pack]
+                                   [--awq-kernels auto,triton,int4pack,gemv]
 
 ``--awq-kernels`` runs the AWQ engine once per listed ``KVFLOW_AWQ_KERNEL`` value
 (rows "awq-<kernel>"), so one run compares tinygemm with kvflow's Triton kernels.
@@ -292,7 +292,7 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of workloads to skip (L1,T1)")
     ap.add_argument("--awq-kernels", default="auto",
                     help="comma list of KVFLOW_AWQ_KERNEL values to run the AWQ engine with "
-                         "(auto, triton, int4pack)")
+                         "(auto, triton, int4pack, gemv)")
     args = ap.parse_args()
     from kvflow.envs import AWQ_KERNELS
 

@@ -40,16 +40,18 @@ def logging_level() -> str:
     return os.environ.get("KVFLOW_LOGGING_LEVEL", "INFO").upper()
 
 
-AWQ_KERNELS = ("auto", "triton", "int4pack")
+AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv")
 
 
 def awq_kernel() -> str:
     """Kernel for AWQ int4 linears on CUDA (KVFLOW_AWQ_KERNEL, default auto).
 
-    ``auto``: PyTorch's tinygemm (``torch._weight_int4pack_mm``) for small batches
-    where it supports the layer (bfloat16, sm80+, shape), else the Triton kernels;
-    ``int4pack``: the same, but an unsupported layer is an error; ``triton``: never
-    tinygemm (kvflow's own Triton kernels). See ``kvflow.quantization.awq``.
+    ``auto``: kvflow's K-packed int4 GEMV (``kvflow.kernels.awq_gemv``) for the
+    smallest batches, PyTorch's tinygemm (``torch._weight_int4pack_mm``) where the
+    measured table still prefers it, else the Triton GEMM; ``gemv``: the K-packed GEMV
+    for every small batch (no tinygemm); ``int4pack``: tinygemm for small batches, an
+    unsupported layer is an error; ``triton``: neither repack (the Triton kernels over
+    AutoAWQ's layout). See ``kvflow.quantization.awq``.
     """
     raw = os.environ.get("KVFLOW_AWQ_KERNEL", "").strip().lower() or "auto"
     if raw not in AWQ_KERNELS:

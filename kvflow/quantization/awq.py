@@ -1,8 +1,9 @@
 """AWQ int4 weights (AutoAWQ's GEMM layout): the checkpoint's settings and the linear method.
 
 The layout and its plain-torch reference live in ``awq_format``; the GPU
-kernels in ``kvflow.kernels.awq_gemm`` (Triton) and, for small batches in
-bfloat16, PyTorch's tinygemm through ``awq_int4pack``. ``AWQLinearMethod`` gives each
+kernels in ``kvflow.kernels.awq_gemm`` (Triton, AutoAWQ's layout), for 1..4 tokens
+``kvflow.kernels.awq_gemv`` (Triton, the K-packed repack of ``awq_kpack``) and,
+for small batches in bfloat16, PyTorch's tinygemm through ``awq_int4pack``. ``AWQLinearMethod`` gives each
 quantized linear layer three parameters whose ``output_dim``/``input_dim``
 and shrink factors let ``LinearBase.weight_loader`` shard and place them like
 a plain weight (K = this rank's input features, N = its output features,
@@ -29,7 +30,7 @@ from torch import nn
 from kvflow import envs
 from kvflow.layers.linear import LinearMethod, set_weight_attrs
 from kvflow.logger import init_logger
-from kvflow.quantization import awq_format, awq_int4pack
+from kvflow.quantization import awq_format, awq_int4pack, awq_kpack
 from kvflow.quantization.detect import CheckpointQuantConfig, find_quant_config
 
 logger = init_logger(__name__)
@@ -62,6 +63,15 @@ tinygemm vs Triton int4 in us::
 
 tinygemm's time grows with M from 4 on (it is built for GEMV-like shapes) while the
 Triton tensor-core GEMM stays flat, so they cross between 4 and 8 tokens."""
+
+DEFAULT_MAX_GEMV_TOKENS = 4
+"""With ``kernel="gemv"``, batches of at most this many fp16/bf16 tokens run the
+K-packed GEMV (``kvflow.kernels.awq_gemv``); it is tried before tinygemm."""
+
+AUTO_MAX_GEMV_TOKENS = 0
+"""The same bound under ``kernel="auto"`` (0: auto does not repack for the GEMV and
+keeps tinygemm). Set from the H100 comparison with tinygemm in benchmarks/RESULTS.md,
+"third session: AWQ int4 GEMV"."""
 
 # kvflow fuses these checkpoint linears; ``modules_to_not_convert`` names the parts.
 _FUSED_PARTS = {
@@ -153,28 +163,36 @@ class AWQConfig:
 
 
 class AWQLinearMethod(LinearMethod):
-    """Packed int4 weights: exact dequantization on CPU; tinygemm or Triton on CUDA.
+    """Packed int4 weights: exact dequantization on CPU; K-packed GEMV, tinygemm or
+    Triton on CUDA.
 
     State lives on the layer (its three parameters, on CPU the dequantized weight,
-    on CUDA maybe the tinygemm repack ``layer.int4pack``); the method itself holds
-    only settings, so one instance serves every layer.
+    on CUDA maybe the K-packed repack ``layer.kpack`` and the tinygemm repack
+    ``layer.int4pack``); the method itself holds only settings, so one instance
+    serves every layer. A batch takes the first that applies: ``kpack`` for at most
+    ``max_gemv_tokens`` fp16/bf16 tokens, ``int4pack`` for at most
+    ``max_int4pack_tokens`` bf16 tokens, then the Triton kernels over AWQ's layout.
 
     ``kernel`` (``envs.AWQ_KERNELS``; the engine passes ``KVFLOW_AWQ_KERNEL``):
-    ``auto`` repacks every layer tinygemm supports, ``int4pack`` repacks every layer
-    and raises where it cannot (also on CPU, through torch's CPU twin of the op: the
-    tests' way into this path), ``triton`` never repacks.
+    ``auto`` repacks every CUDA layer for the GEMV, and for tinygemm too where that
+    is supported and ``max_int4pack_tokens`` reaches past ``max_gemv_tokens``;
+    ``gemv`` repacks every layer for the GEMV only (also on CPU, where the Triton
+    kernel then runs under TRITON_INTERPRET=1: the tests' way into this path);
+    ``int4pack`` repacks every layer for tinygemm and raises where it cannot (on CPU
+    through torch's CPU twin of the op); ``triton`` never repacks.
 
-    Memory: a repacked layer keeps its AWQ tensors too, for batches above
-    ``max_int4pack_tokens`` (the Triton GEMM and dequantize + cuBLAS read them), so
-    its int4 bytes roughly double (+~4.5 GB for Llama-3-8B). tinygemm at prefill
-    sizes is slower than those paths, and re-deriving AWQ tensors per prefill would
-    cost more than the memory.
+    Memory: a repacked layer keeps its AWQ tensors too, for larger batches (the
+    Triton GEMM and dequantize + cuBLAS read them), so its int4 bytes roughly double
+    per repack (+~4.5 GB for Llama-3-8B). The small-batch kernels at prefill sizes
+    are slower than those paths, and re-deriving AWQ tensors per prefill would cost
+    more than the memory.
     """
 
     def __init__(self, config: AWQConfig, *,
                  max_fused_tokens: int = DEFAULT_MAX_FUSED_TOKENS,
                  kernel: str = "auto",
-                 max_int4pack_tokens: int = DEFAULT_MAX_INT4PACK_TOKENS) -> None:
+                 max_int4pack_tokens: int = DEFAULT_MAX_INT4PACK_TOKENS,
+                 max_gemv_tokens: Optional[int] = None) -> None:
         if kernel not in envs.AWQ_KERNELS:
             raise ValueError(f"AWQ kernel {kernel!r} is not one of {envs.AWQ_KERNELS} "
                              "(KVFLOW_AWQ_KERNEL).")
@@ -182,6 +200,14 @@ class AWQLinearMethod(LinearMethod):
         self.max_fused_tokens = max_fused_tokens
         self.kernel = kernel
         self.max_int4pack_tokens = max_int4pack_tokens
+        from kvflow.kernels.awq_gemv import MAX_TOKENS
+        if max_gemv_tokens is None:
+            max_gemv_tokens = (AUTO_MAX_GEMV_TOKENS if kernel == "auto"
+                               else DEFAULT_MAX_GEMV_TOKENS if kernel == "gemv" else 0)
+        if not 0 <= max_gemv_tokens <= MAX_TOKENS:
+            raise ValueError(f"max_gemv_tokens={max_gemv_tokens}: the AWQ GEMV holds 0.."
+                             f"{MAX_TOKENS} tokens.")
+        self.max_gemv_tokens = max_gemv_tokens
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int,
                        dtype: torch.dtype) -> None:
@@ -222,6 +248,7 @@ class AWQLinearMethod(LinearMethod):
         layer.awq_dtype = dtype
         layer.register_buffer("dequantized_weight", None, persistent=False)
         layer.int4pack = None  # awq_int4pack.Int4PackWeight once repacked
+        layer.kpack = None  # awq_kpack.KPackWeight once repacked
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """On CPU, dequantizes once into ``layer.dequantized_weight`` [N, K].
@@ -236,9 +263,14 @@ class AWQLinearMethod(LinearMethod):
         tensor-parallel layers repack exactly what they multiply.
         """
         device = layer.qweight.device
-        if self.kernel == "int4pack" or (self.kernel == "auto" and device.type == "cuda"):
+        is_auto_cuda = self.kernel == "auto" and device.type == "cuda"
+        if self.kernel == "gemv" or (is_auto_cuda and self.max_gemv_tokens > 0):
+            # Any AWQ layer fits the GEMV's layout (K a multiple of 8, G dividing K).
+            layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
+        if self.kernel == "int4pack" or (
+                is_auto_cuda and self.max_int4pack_tokens > self.max_gemv_tokens):
             self._repack_for_int4pack(layer)
-        if device.type == "cpu" and layer.int4pack is None:
+        if device.type == "cpu" and layer.int4pack is None and layer.kpack is None:
             layer.dequantized_weight = awq_format.dequantize(
                 layer.qweight, layer.qzeros, layer.scales, layer.awq_dtype)
 
@@ -263,8 +295,19 @@ class AWQLinearMethod(LinearMethod):
         cached = layer.dequantized_weight
         if cached is not None:
             return F.linear(x, cached, bias)
+        num_tokens = x.numel() // x.shape[-1]
+        kpack = layer.kpack
+        if (kpack is not None and 0 < num_tokens <= self.max_gemv_tokens
+                and x.dtype in (torch.float16, torch.bfloat16)):
+            from kvflow.kernels.awq_gemv import awq_gemv
+
+            x2d = x.reshape(num_tokens, x.shape[-1])  # [M, K]
+            if x2d.stride(-1) != 1:
+                x2d = x2d.contiguous()
+            y = awq_gemv(x2d, kpack.words, kpack.scales_zeros, kpack.group_size, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         int4pack = layer.int4pack
-        if int4pack is not None and x.numel() <= self.max_int4pack_tokens * x.shape[-1]:
+        if int4pack is not None and num_tokens <= self.max_int4pack_tokens:
             return awq_int4pack.int4pack_linear(x, int4pack, bias)
         if x.device.type != "cuda":  # weights moved off CPU after loading: slow but exact
             weight = awq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, x.dtype)
