@@ -36,9 +36,12 @@ export KVFLOW_TEST_NO_DEFAULT_MODEL=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false
 WORKERS=${WORKERS:-12}
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| GPUs', torch.cuda.device_count())"
-git log -1 --format='commit %h %s' 2>/dev/null || true
-echo "=== pytest tests/ -n $WORKERS (wall-clock limit 440 s)"
+{
+  nvidia-smi --query-gpu=name --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| GPUs', torch.cuda.device_count())"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+  echo "=== pytest tests/ -n $WORKERS (wall-clock limit 440 s)"
+} 2>&1 | tee "$OUT/pytest.log"
 start=$(date +%s)
 # GPU memory in use, once a second, for the peak (the note above on memory); and every
 # process holding over 1.5 GB of it then, with its command line (xdist worker, server,
@@ -57,12 +60,12 @@ while [ ! -e /tmp/gpu_tests.stop ]; do
   sleep 1
 done > "$OUT/gpu_procs.txt" &
 sampler=$!
-timeout -k 10 440 python3 -m pytest tests -p no:cacheprovider -q \
+timeout -k 10 440 python3 -m pytest tests -p no:cacheprovider -p no:benchmark -q \
   -n "$WORKERS" --dist loadgroup --timeout 300 --durations=15 \
   --junitxml="$OUT/junit.xml" \
   --ignore=tests/distributed/test_ray.py \
   --deselect tests/server/test_cli.py::test_readme_main_command_answers_paris \
-  "$@" 2>&1 | tee "$OUT/pytest.log"
+  "$@" 2>&1 | tee -a "$OUT/pytest.log"
 rc=$?
 echo "=== pytest exit $rc, wall $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
 kill "$smi" 2>/dev/null

@@ -105,10 +105,10 @@ def test_linear_method_takes_the_gemv_for_small_batches(monkeypatch):
     for packed, shard in ((gate, 0), (up, 1)):
         for name, tensor in zip(("qweight", "qzeros", "scales"), packed):
             layer.weight_loader(getattr(layer, name), tensor, shard)
+    layer.to(DEVICE)  # before the repack, as the loader does (kpack is no parameter: .to skips it)
     method.process_weights_after_loading(layer)
     assert layer.kpack is not None and layer.int4pack is None
     assert layer.dequantized_weight is None
-    layer.to(DEVICE)
     exact = awq_format.dequantize(layer.qweight, layer.qzeros, layer.scales)  # [N, K]
     calls = []
     real = kernels.awq_gemv
