@@ -46,6 +46,10 @@ def main() -> int:
     ap.add_argument("--decodes", default="1,18,48")
     ap.add_argument("--chunks", default="0,32,64,128,192,256")
     ap.add_argument("--context", type=int, default=600)
+    ap.add_argument("--mixed-variants", default="1:0",
+                    help="comma list of SPLITS:QTILE the mixed graphs are recaptured with "
+                         "(split-KV factor; query length their attention tiles are picked for, "
+                         "0 = the graph's token count); each adds a graph column")
     args = ap.parse_args()
 
     from kvflow.attention.metadata import AttentionMetadata
@@ -59,10 +63,14 @@ def main() -> int:
     runner, graphs = worker.runner, worker.runner.graph_runner
     block = llm.llm_engine.config.cache_config.block_size
     dev = torch.device("cuda")
-    print(f"| decodes | chunk | tokens | graph | graph ms | eager ms |")
-    print("|---|---|---|---|---|---|")
-    for num_dec in [int(x) for x in args.decodes.split(",")]:
-        for chunk in [int(x) for x in args.chunks.split(",")]:
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.mixed_variants.split(",")]
+    shapes = [(d, c) for d in map(int, args.decodes.split(",")) for c in map(int, args.chunks.split(","))]
+    rows = {}
+    for vi, (splits, qtile) in enumerate(variants):
+        graphs.mixed_kv_splits, graphs.mixed_query_tile = splits, (qtile or None)
+        if vi:
+            graphs.capture()
+        for num_dec, chunk in shapes:
             ids, pos, slots, qsl, lens, tables = [], [], [], [0], [], []
             next_block = 0
             for ctx, q in [(args.context, 1)] * num_dec + ([(0, chunk)] if chunk else []):
@@ -78,10 +86,14 @@ def main() -> int:
                 tables.append(table)
             max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
             key = graphs.choose(len(ids), len(lens), max_q)
+            row = rows.setdefault((num_dec, chunk), {"tokens": len(ids), "key": key, "graph": []})
             graph_ms = float("nan")
-            if key is not None:
+            if key is not None and (vi == 0 or key.mixed):
                 inputs = pad_inputs(key, ids, pos, slots, qsl, lens, tables, pin=True)
                 graph_ms = _time(lambda: graphs.run(key, inputs))
+            row["graph"].append(graph_ms)
+            if vi:
+                continue
             width = max(len(t) for t in tables)
             md = AttentionMetadata(
                 num_tokens=len(ids), max_query_len=max_q, max_seq_len=max(lens),
@@ -94,10 +106,15 @@ def main() -> int:
             t_ids = torch.tensor(ids, device=dev)
             t_pos = torch.tensor(pos, device=dev)
             with torch.inference_mode():
-                eager_ms = _time(lambda: runner.model(t_ids, t_pos, runner.kv_caches, md))
-            label = "-" if key is None else f"{'mixed' if key.mixed else 'decode'} {key.num_tokens}"
-            print(f"| {num_dec} | {chunk} | {len(ids)} | {label} | {graph_ms:.2f} | {eager_ms:.2f} |",
-                  flush=True)
+                row["eager"] = _time(lambda: runner.model(t_ids, t_pos, runner.kv_caches, md))
+    heads = " | ".join(f"graph ms (mixed: splits {s}, q tile {q or 'T'})" for s, q in variants)
+    print(f"| decodes | chunk | tokens | graph | {heads} | eager ms |")
+    print("|---" * (5 + len(variants)) + "|")
+    for (num_dec, chunk), row in rows.items():
+        key = row["key"]
+        label = "-" if key is None else f"{'mixed' if key.mixed else 'decode'} {key.num_tokens}"
+        cells = " | ".join("-" if g != g else f"{g:.2f}" for g in row["graph"])
+        print(f"| {num_dec} | {chunk} | {row['tokens']} | {label} | {cells} | {row['eager']:.2f} |")
     return 0
 
 

@@ -59,6 +59,16 @@ _CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 25
 _MIXED_SIZES: tuple[int, ...] = (8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
 
+# How a mixed graph's attention is launched (benchmarks/step_times.py measured the
+# alternatives, RESULTS.md): tiles picked for 16-token queries (Llama-3-8B: 64-row tiles
+# of 16 tokens x 4 heads) rather than for the graph's token count (128-row tiles), since
+# most requests in a mixed step are decodes that fill 4 rows of a tile; and no split-KV
+# (its reduce pass over every token costs more than the extra parallelism brings).
+# None as the query tile: the graph's token count.
+MIXED_QUERY_TILE: Optional[int] = 16
+MIXED_KV_SPLITS = 1
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Batch sizes of the decode graphs: every batch up to the last has one that holds it."""
     sizes = [s for s in _CAPTURE_SIZES if s <= max_num_seqs]
@@ -181,6 +191,8 @@ class CUDAGraphRunner:
         self.mixed_qsl = torch.zeros(max_b + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_b, self.max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[GraphKey, _Graph] = {}
+        self.mixed_kv_splits = MIXED_KV_SPLITS
+        self.mixed_query_tile: Optional[int] = MIXED_QUERY_TILE
         self.replays = {"decode": 0, "mixed": 0}
         """Steps replayed per graph family (tests and benchmarks read it)."""
 
@@ -189,8 +201,9 @@ class CUDAGraphRunner:
         qsl = self.mixed_qsl if key.mixed else self.decode_qsl
         # max_query_len only picks the attention tiles: a mixed graph keeps prefill tiles,
         # right for any query lengths up to its token count.
+        mixed_q = t if self.mixed_query_tile is None else min(t, self.mixed_query_tile)
         return AttentionMetadata(
-            num_tokens=t, max_query_len=t if key.mixed else 1, max_seq_len=self.max_model_len,
+            num_tokens=t, max_query_len=mixed_q if key.mixed else 1, max_seq_len=self.max_model_len,
             query_start_loc=qsl[: b + 1], seq_lens=self.seq_lens[:b],
             block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:t],
             query_start_loc_cpu=[0] * (b + 1) if key.mixed else list(range(b + 1)),
@@ -203,10 +216,17 @@ class CUDAGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         backend = self.attn_backend
+        # Warm-ups run for real: start from the capture state (no request has a token, no
+        # slot is written), not from whatever an earlier replay left in the buffers.
+        self.slot_mapping.fill_(-1)
+        self.mixed_qsl.zero_()
+        self.seq_lens.fill_(1)
+        self.block_tables.zero_()
+        self.positions.zero_()
         for key in self.keys:
             # A replay keeps the split-KV factor of its capture: pin one per decode batch
             # size (mixed steps never split: their prefill q-blocks fill the SMs).
-            backend.num_kv_splits = 1 if key.mixed else graph_num_kv_splits(
+            backend.num_kv_splits = self.mixed_kv_splits if key.mixed else graph_num_kv_splits(
                 key.num_reqs, self.num_kv_heads, num_sms(self.device))
             md = self._metadata(key)
             args = (self.input_ids[:key.num_tokens], self.positions[:key.num_tokens],

@@ -61,6 +61,8 @@ def test_gemv_default_config_matches_reference(shape, num_tokens, dtype):
     (1, GemvConfig(block_n=32, block_k=64, split_k=2, use_dot=True)),
     (5, GemvConfig(block_n=16, block_k=64, split_k=1, use_dot=True)),
     (7, GemvConfig(block_n=32, block_k=32, split_k=4, use_dot=True)),
+    (33, GemvConfig(block_n=64, block_k=128, split_k=2, use_dot=True)),  # 64-row tiles
+    (64, GemvConfig(block_n=32, block_k=64, split_k=1, use_dot=True)),   # MAX_TOKENS
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_tile_configs(num_tokens, config, dtype):
@@ -105,8 +107,8 @@ def test_gemv_rejects_bad_inputs():
         kernels.gemv(x, weight.float())
     with pytest.raises(AssertionError, match=r"must be \[M, K\]"):
         kernels.gemv(x, weight[:, :16])
-    with pytest.raises(AssertionError, match="at most 16 tokens"):
-        kernels.gemv(torch.randn(17, 32, device=DEVICE).half(), weight)
+    with pytest.raises(AssertionError, match=f"at most {kernels.MAX_TOKENS} tokens"):
+        kernels.gemv(torch.randn(kernels.MAX_TOKENS + 1, 32, device=DEVICE).half(), weight)
     with pytest.raises(AssertionError, match="runs one token"):
         kernels.gemv(x, weight, config=GemvConfig(8, 32))
     with pytest.raises(AssertionError, match="bias"):

@@ -18,7 +18,7 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import EngineArgs
 from kvflow.models.base import ModelContext
 from kvflow.models.loader import load_model
-from kvflow.worker.cuda_graphs import choose_graph, pad_inputs
+from kvflow.worker.cuda_graphs import MIXED_QUERY_TILE, choose_graph, pad_inputs
 
 BLOCK = 4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,12 +29,12 @@ def model_and_cache(checkpoint):
     config = EngineArgs(model=checkpoint("llama"), dtype="float32",
                         attention_backend="torch").create_engine_config()
     mc = config.model_config
-    model = load_model(mc, ModelContext(dtype=torch.float32, attn_backend=TritonAttentionBackend()),
-                       DEVICE)
+    backend = TritonAttentionBackend()
+    model = load_model(mc, ModelContext(dtype=torch.float32, attn_backend=backend), DEVICE)
     gen = torch.Generator().manual_seed(0)
     caches = [torch.randn(2, 60, BLOCK, mc.num_kv_heads, mc.head_dim, generator=gen).to(DEVICE)
               for _ in range(mc.num_layers)]
-    return model, caches
+    return model, caches, backend
 
 
 def _step(q_lens: list[int], seq_lens: list[int], vocab: int):
@@ -65,13 +65,18 @@ def _metadata(t, qsl, seq_lens, tables, slots, max_query_len) -> AttentionMetada
         query_start_loc_cpu=list(qsl), seq_lens_cpu=list(seq_lens))
 
 
+@pytest.mark.parametrize("query_tile", [MIXED_QUERY_TILE, None])
+@pytest.mark.parametrize("graph_splits", [1, 3])
 @pytest.mark.parametrize("q_lens,seq_lens", [
     ([1, 7, 5], [20, 16, 5]),         # a decode, a prefill chunk, a whole prompt -> mixed graph
     ([1, 1, 1], [9, 1, 33]),          # decodes -> decode graph of 4
     ([3, 1, 12, 1, 2], [3, 8, 30, 14, 6]),
 ])
-def test_padded_step_matches_unpadded(model_and_cache, q_lens, seq_lens):
-    model, caches = model_and_cache
+def test_padded_step_matches_unpadded(model_and_cache, q_lens, seq_lens, graph_splits,
+                                      query_tile):
+    """``graph_splits``: the split-KV factor the graph is captured with (decode and mixed);
+    ``query_tile``: the query length a mixed graph's attention tiles are picked for."""
+    model, caches, backend = model_and_cache
     vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else 100
     ids, positions, slots, qsl, lens, tables = _step(q_lens, seq_lens, vocab)
     t, b = len(ids), len(lens)
@@ -92,14 +97,19 @@ def test_padded_step_matches_unpadded(model_and_cache, q_lens, seq_lens):
         graph_qsl = (padded.query_start_loc.tolist() if key.mixed
                      else list(range(key.num_reqs + 1)))  # decode graphs keep an arange
         md = AttentionMetadata(
-            num_tokens=key.num_tokens, max_query_len=key.num_tokens if key.mixed else 1,
+            num_tokens=key.num_tokens,
+            max_query_len=(min(key.num_tokens, query_tile or key.num_tokens) if key.mixed else 1),
             max_seq_len=512, query_start_loc=torch.tensor(graph_qsl, dtype=torch.int32,
                                                           device=DEVICE),
             seq_lens=on["seq_lens"], block_tables=on["block_tables"],
             slot_mapping=on["slot_mapping"], query_start_loc_cpu=graph_qsl,
             seq_lens_cpu=padded.seq_lens.tolist())
         pad_caches = [c.clone() for c in caches]
-        hidden = model(on["input_ids"], on["positions"], pad_caches, md)
+        backend.num_kv_splits = graph_splits
+        try:
+            hidden = model(on["input_ids"], on["positions"], pad_caches, md)
+        finally:
+            backend.num_kv_splits = None
 
     assert hidden.shape[0] == key.num_tokens
     torch.testing.assert_close(hidden[:t], expected, atol=1e-5, rtol=1e-5)
