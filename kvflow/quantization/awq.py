@@ -69,9 +69,16 @@ DEFAULT_MAX_GEMV_TOKENS = 4
 K-packed GEMV (``kvflow.kernels.awq_gemv``); it is tried before tinygemm."""
 
 AUTO_MAX_GEMV_TOKENS = 0
-"""The same bound under ``kernel="auto"`` (0: auto does not repack for the GEMV and
-keeps tinygemm). Set from the H100 comparison with tinygemm in benchmarks/RESULTS.md,
-"third session: AWQ int4 GEMV"."""
+"""The same bound under ``kernel="auto"`` for layers tinygemm runs (0: they keep
+tinygemm). H100, benchmarks/RESULTS.md "third session: AWQ int4 GEMV": tinygemm is
+faster at 1, 2 and 4 tokens on every Llama-3-8B matrix (68.7 vs 85.2 us a layer at 1)."""
+
+AUTO_FALLBACK_GEMV_TOKENS = 1
+"""Under ``kernel="auto"``, layers tinygemm cannot run (float16 models -- the dtype AWQ
+checkpoints usually declare --, or unsupported shapes) take the K-packed GEMV for one
+token instead of the Triton int4 GEMV over AWQ's layout: 85.2 vs ~109 us a Llama-3-8B
+layer (H100; L1 261 vs 221 tok/s in bfloat16). At 2 and 4 tokens it is not measured
+against the Triton kernels, so they keep those."""
 
 # kvflow fuses these checkpoint linears; ``modules_to_not_convert`` names the parts.
 _FUSED_PARTS = {
@@ -162,6 +169,13 @@ class AWQConfig:
         return all(skipped)
 
 
+def auto_gemv_tokens(has_int4pack: bool, max_gemv_tokens: int) -> int:
+    """Tokens up to which an ``auto`` CUDA layer runs the K-packed GEMV: the method's bound
+    where tinygemm took the layer, else (float16, or a shape tinygemm refuses) at least
+    ``AUTO_FALLBACK_GEMV_TOKENS``."""
+    return max_gemv_tokens if has_int4pack else max(max_gemv_tokens, AUTO_FALLBACK_GEMV_TOKENS)
+
+
 class AWQLinearMethod(LinearMethod):
     """Packed int4 weights: exact dequantization on CPU; K-packed GEMV, tinygemm or
     Triton on CUDA.
@@ -174,8 +188,10 @@ class AWQLinearMethod(LinearMethod):
     ``max_int4pack_tokens`` bf16 tokens, then the Triton kernels over AWQ's layout.
 
     ``kernel`` (``envs.AWQ_KERNELS``; the engine passes ``KVFLOW_AWQ_KERNEL``):
-    ``auto`` repacks every CUDA layer for the GEMV, and for tinygemm too where that
-    is supported and ``max_int4pack_tokens`` reaches past ``max_gemv_tokens``;
+    ``auto`` repacks every CUDA layer for tinygemm where that is supported (bfloat16)
+    and ``max_int4pack_tokens`` reaches past ``max_gemv_tokens``, and for the GEMV
+    where ``max_gemv_tokens`` > 0 or tinygemm cannot take the layer (float16: one token,
+    ``auto_gemv_tokens``);
     ``gemv`` repacks every layer for the GEMV only (also on CPU, where the Triton
     kernel then runs under TRITON_INTERPRET=1: the tests' way into this path);
     ``int4pack`` repacks every layer for tinygemm and raises where it cannot (on CPU
@@ -264,12 +280,17 @@ class AWQLinearMethod(LinearMethod):
         """
         device = layer.qweight.device
         is_auto_cuda = self.kernel == "auto" and device.type == "cuda"
+        layer.gemv_tokens = self.max_gemv_tokens
         if self.kernel == "gemv" or (is_auto_cuda and self.max_gemv_tokens > 0):
             # Any AWQ layer fits the GEMV's layout (K a multiple of 8, G dividing K).
             layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
         if self.kernel == "int4pack" or (
                 is_auto_cuda and self.max_int4pack_tokens > self.max_gemv_tokens):
             self._repack_for_int4pack(layer)
+        if is_auto_cuda and layer.kpack is None:
+            layer.gemv_tokens = auto_gemv_tokens(layer.int4pack is not None, self.max_gemv_tokens)
+            if layer.gemv_tokens:
+                layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
         if device.type == "cpu" and layer.int4pack is None and layer.kpack is None:
             layer.dequantized_weight = awq_format.dequantize(
                 layer.qweight, layer.qzeros, layer.scales, layer.awq_dtype)
@@ -297,7 +318,8 @@ class AWQLinearMethod(LinearMethod):
             return F.linear(x, cached, bias)
         num_tokens = x.numel() // x.shape[-1]
         kpack = layer.kpack
-        if (kpack is not None and 0 < num_tokens <= self.max_gemv_tokens
+        gemv_tokens = getattr(layer, "gemv_tokens", self.max_gemv_tokens)
+        if (kpack is not None and 0 < num_tokens <= gemv_tokens
                 and x.dtype in (torch.float16, torch.bfloat16)):
             from kvflow.kernels.awq_gemv import awq_gemv
 

@@ -121,3 +121,37 @@ def test_linear_method_takes_the_gemv_for_small_batches(monkeypatch):
         assert bool(calls) == uses_gemv
         assert got.dtype == torch.float16 and got.shape == (num_tokens, 2 * inter)
         assert (got.float() - reference).abs().max() <= 2e-3 * reference.abs().max()
+
+
+def test_auto_gives_layers_without_tinygemm_the_gemv_for_one_token():
+    """auto: a layer tinygemm took keeps the method's GEMV bound (0: tinygemm); one it
+    could not take (float16 models) runs the K-packed GEMV for one token."""
+    from kvflow.quantization.awq import AUTO_FALLBACK_GEMV_TOKENS, auto_gemv_tokens
+
+    assert AUTO_FALLBACK_GEMV_TOKENS == 1
+    assert auto_gemv_tokens(True, 0) == 0
+    assert auto_gemv_tokens(False, 0) == 1
+    assert auto_gemv_tokens(False, 4) == 4 and auto_gemv_tokens(True, 4) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel=auto repacks on CUDA only")
+@pytest.mark.parametrize("dtype,expect", [(torch.float16, "kpack"), (torch.bfloat16, "int4pack")])
+def test_auto_on_cuda_picks_by_dtype(monkeypatch, dtype, expect):
+    monkeypatch.setattr(linear_layers, "get_tp_size", lambda: 1)
+    monkeypatch.setattr(linear_layers, "get_tp_rank", lambda: 0)
+    gen = torch.Generator().manual_seed(12)
+    method = AWQLinearMethod(AWQConfig(group_size=128), kernel="auto")
+    layer = linear_layers.RowParallelLinear(256, 128, linear_method=method, dtype=dtype)
+    for name, tensor in zip(("qweight", "qzeros", "scales"),
+                            awq_format.quantize(torch.randn(128, 256, generator=gen), 128)):
+        layer.weight_loader(getattr(layer, name), tensor, None)
+    layer.to("cuda")
+    method.process_weights_after_loading(layer)
+    assert (layer.kpack is not None) == (expect == "kpack")
+    assert (layer.int4pack is not None) == (expect == "int4pack")
+    exact = awq_format.dequantize(layer.qweight, layer.qzeros, layer.scales)
+    for num_tokens in (1, 2):
+        x = torch.randn(num_tokens, 256, generator=gen).to(dtype).cuda()
+        reference = x.float() @ exact.t()
+        got = method.apply(layer, x)
+        assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
