@@ -20,7 +20,8 @@ Against a server already running:
 
 Or self-contained (BENCHMARKS.md, workload S1): first the same engine offline on the
 same prompts (the ceiling), then ``kvflow serve`` started here, one run per rate, each
-row with its fraction of the offline throughput:
+row with its fraction of the offline throughput (the k-th rate draws its prompts with
+seed + k, so no run finds the previous one's prompts in the prefix cache):
 
     python benchmarks/serving.py --serve-args "DIR --load-format dummy --skip-tokenizer-init" \\
         --offline-ceiling --request-rates 4 16 inf --num-prompts 500 --token-id-max 128000
@@ -322,8 +323,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if server is not None:
             args.base_url = server.base_url
-        for rate in args.request_rates or [args.request_rate]:
-            args.request_rate = rate
+        base_seed = args.seed
+        for i, rate in enumerate(args.request_rates or [args.request_rate]):
+            # Each rate gets prompts of its own: the server's prefix cache still holds the
+            # previous rate's, which would skip their prefill (an inf run after a 16 req/s
+            # run on the same prompts measured 2x the offline ceiling).
+            args.request_rate, args.seed = rate, base_seed + i
             summary = asyncio.run(run(args))
             if offline is not None:
                 summary["offline"] = offline
