@@ -1,6 +1,6 @@
 """Small-batch matmul y = x @ W.T (+ bias) for decode, in Triton.
 
-Shape letters: M = tokens (1..16), K = input features, N = output features,
+Shape letters: M = tokens (1..64), K = input features, N = output features,
 S = K splits. W is nn.Linear's [N, K], row-major; x is [M, K] with unit stride along K.
 
 At a few tokens a step the matmul reads every weight once and does little
