@@ -123,7 +123,7 @@ class PaddedInputs:
     positions: torch.Tensor  # long [T_pad]
     slot_mapping: torch.Tensor  # long [T_pad], -1 past the real tokens
     seq_lens: torch.Tensor  # int32 [B_pad]
-    block_tables: torch.Tensor  # int32 [B_pad, P']
+    block_tables: torch.Tensor  # int32 [B, P']: the real requests' rows only
     query_start_loc: Optional[torch.Tensor]  # int32 [B_pad + 1]; None for decode graphs
 
 
@@ -134,14 +134,17 @@ def pad_inputs(key: GraphKey, input_ids: list[int], positions: list[int], slots:
 
     Decode graphs keep ``query_start_loc = arange`` in their buffer, so a padding request
     there owns one padding token (seq_len 1, slot -1); mixed graphs give padding requests
-    no token at all (``query_start_loc`` repeats the real token count).
+    no token at all (``query_start_loc`` repeats the real token count). Block-table rows
+    of padding requests are not sent: the buffer keeps what earlier steps wrote there (block
+    ids of the pool, or the zeros of capture), which a decode padding row reads one key of
+    and a mixed padding request never reads. So a step uploads [B, P'], not [B_pad, P'].
     """
     num_tokens, num_reqs = len(input_ids), len(seq_lens)
     assert num_tokens <= key.num_tokens and num_reqs <= key.num_reqs, (key, num_tokens, num_reqs)
     extra_t = key.num_tokens - num_tokens
     extra_b = key.num_reqs - num_reqs
     width = max(len(t) for t in tables)
-    table_rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * extra_b
+    table_rows = [t + [0] * (width - len(t)) for t in tables]
     qsl = None
     if key.mixed:
         qsl = torch.tensor(query_start + [num_tokens] * extra_b, dtype=torch.int32, pin_memory=pin)
@@ -267,8 +270,8 @@ class CUDAGraphRunner:
         self.positions[:t].copy_(inputs.positions, non_blocking=True)
         self.slot_mapping[:t].copy_(inputs.slot_mapping, non_blocking=True)
         self.seq_lens[:b].copy_(inputs.seq_lens, non_blocking=True)
-        width = inputs.block_tables.shape[1]
-        self.block_tables[:b, :width].copy_(inputs.block_tables, non_blocking=True)
+        rows, width = inputs.block_tables.shape
+        self.block_tables[:rows, :width].copy_(inputs.block_tables, non_blocking=True)
         if key.mixed:
             assert inputs.query_start_loc is not None
             self.mixed_qsl[: b + 1].copy_(inputs.query_start_loc, non_blocking=True)

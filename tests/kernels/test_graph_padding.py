@@ -93,7 +93,13 @@ def test_padded_step_matches_unpadded(model_and_cache, q_lens, seq_lens, graph_s
 
         padded = pad_inputs(key, ids, positions, slots, qsl, lens, tables, pin=False)
         on = {name: getattr(padded, name).to(DEVICE) for name in
-              ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+              ("input_ids", "positions", "slot_mapping", "seq_lens")}
+        # The graph's block-table buffer: rows of padding requests hold what earlier steps
+        # left there (here: other valid block ids), only the real rows are written.
+        stale = torch.randint(0, 60, (key.num_reqs, padded.block_tables.shape[1] + 3),
+                              dtype=torch.int32, generator=torch.Generator().manual_seed(5))
+        stale[:b, :padded.block_tables.shape[1]] = padded.block_tables
+        on["block_tables"] = stale.to(DEVICE)
         graph_qsl = (padded.query_start_loc.tolist() if key.mixed
                      else list(range(key.num_reqs + 1)))  # decode graphs keep an arange
         md = AttentionMetadata(
@@ -132,7 +138,7 @@ def test_pad_inputs_layout():
     assert p.slot_mapping.tolist() == [4, 8, 9, 10, 11, -1, -1, -1]
     assert p.query_start_loc.tolist() == [0, 1, 5, 5]  # the padding request has no token
     assert p.seq_lens.tolist() == [5, 4, 1]
-    assert p.block_tables.tolist() == [[1, 2], [2, 0], [0, 0]]
+    assert p.block_tables.tolist() == [[1, 2], [2, 0]]  # padding rows stay as they were
     decode = choose_graph(3, 3, 1, decode_sizes=[1, 2, 4], mixed_sizes=[8], max_num_seqs=4)
     p = pad_inputs(decode, [1, 2, 3], [5, 6, 7], [5, 6, 7], [0, 1, 2, 3], [6, 7, 8],
                    [[1, 2], [3, 4], [5, 6]], pin=False)
