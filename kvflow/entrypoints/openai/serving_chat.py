@@ -9,21 +9,15 @@ with ``finish_reason`` on the chunk that ends the choice.
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, AsyncGenerator, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Iterator, Optional
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.llm import apply_chat_template
-from kvflow.entrypoints.openai.errors import (
-    APIError,
-    error_body,
-    from_value_error,
-    stream_error_status,
-)
+from kvflow.entrypoints.openai.errors import APIError, from_value_error
 from kvflow.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,7 +33,7 @@ from kvflow.entrypoints.openai.serving_base import (
     clamp_logprob,
     run_until_disconnect,
 )
-from kvflow.entrypoints.openai.sse import SSEResponse, sse_done, sse_event
+from kvflow.entrypoints.openai.sse import SSEResponse, stream_events
 from kvflow.entrypoints.openai.stream_chunks import (
     ChunkWriter,
     chat_choice,
@@ -252,7 +246,7 @@ class OpenAIServingChat(OpenAIServing):
 
         ended: set[int] = set()
 
-        def chunks(out: RequestOutput) -> list[str]:
+        def chunks(_: int, out: RequestOutput) -> list[str]:
             nonlocal num_generated
             events = []
             for comp in out.outputs:
@@ -276,21 +270,16 @@ class OpenAIServingChat(OpenAIServing):
                     comp.stop_reason, list(comp.token_ids) if request.return_token_ids else None)))
             return events
 
-        try:
+        def opening() -> Iterator[str]:
             for i in range(request.n):
                 yield event(chat_opening_choice(i, {"role": "assistant", "content": ""}))
                 if echo:
                     yield event(chat_opening_choice(i, {"content": echo}))
-            for item in chunks(first):
-                yield item
-            async for _, out in outputs:
-                for item in chunks(out):
-                    yield item
-            if include_usage:
-                yield writer.event(None, usage_dict(num_prompt, num_generated))
-        except Exception as exc:  # after the 200 went out, an error can only be an event
-            status = stream_error_status(exc)
-            yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
-        finally:
-            await outputs.aclose()
-        yield sse_done()
+
+        def closing() -> Optional[str]:  # the usage chunk, counted once the stream ended
+            if not include_usage:
+                return None
+            return writer.event(None, usage_dict(num_prompt, num_generated))
+
+        async for item in stream_events(opening(), (0, first), outputs, chunks, closing):
+            yield item

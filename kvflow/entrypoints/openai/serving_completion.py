@@ -7,7 +7,6 @@ engine request (the engine fans out its n samples).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, AsyncGenerator, AsyncIterator, Optional, Union
 
@@ -15,12 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
-from kvflow.entrypoints.openai.errors import (
-    APIError,
-    error_body,
-    from_value_error,
-    stream_error_status,
-)
+from kvflow.entrypoints.openai.errors import APIError, from_value_error
 from kvflow.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -34,7 +28,7 @@ from kvflow.entrypoints.openai.serving_base import (
     clamp_logprob,
     run_until_disconnect,
 )
-from kvflow.entrypoints.openai.sse import SSEResponse, sse_done, sse_event
+from kvflow.entrypoints.openai.sse import SSEResponse, stream_events
 from kvflow.entrypoints.openai.stream_chunks import ChunkWriter, completion_choice, usage_dict
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -260,20 +254,13 @@ class OpenAIServingCompletion(OpenAIServing):
                     choice, usage_dict(num_prompt, num_generated) if continuous else None))
             return events
 
-        try:
-            for event in chunks(*first):
-                yield event
-            async for index, out in outputs:
-                for event in chunks(index, out):
-                    yield event
-            if include_usage:
-                yield writer.event(None, usage_dict(num_prompt, num_generated))
-        except Exception as exc:  # after the 200 went out, an error can only be an event
-            status = stream_error_status(exc)
-            yield sse_event(json.dumps(error_body(status, str(exc) or type(exc).__name__)))
-        finally:
-            await outputs.aclose()
-        yield sse_done()
+        def closing() -> Optional[str]:  # the usage chunk, counted once the stream ended
+            if not include_usage:
+                return None
+            return writer.event(None, usage_dict(num_prompt, num_generated))
+
+        async for event in stream_events((), first, outputs, chunks, closing):
+            yield event
 
 
 def _split_prompts(prompt: Union[str, list[Any]]) -> list[Union[str, list[int]]]:
