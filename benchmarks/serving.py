@@ -138,7 +138,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - bench_start
+    if args.per_request_out:
+        write_per_request(f"{args.per_request_out}.{args.request_rate:g}", results)
     return summarize(args, model, results, duration)
+
+
+def write_per_request(path: str, results: list[RequestResult]) -> None:
+    """One JSON line per request: start (time.perf_counter, the same monotonic clock as
+    the server's KVFLOW_STEP_TRACE on this machine), TTFT, latency, TPOT, tokens."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in results:
+            tpot = ((r.latency - r.ttft) / (r.output_tokens - 1)
+                    if r.ok and r.latency is not None and r.output_tokens > 1 else None)
+            f.write(json.dumps({"start": r.start, "ttft": r.ttft, "latency": r.latency,
+                                "tpot": tpot, "tokens": r.output_tokens, "ok": r.ok}) + "\n")
 
 
 def _pct(values: list[float], q: float) -> Optional[float]:
@@ -311,6 +324,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="Short requests sent first, unmeasured.")
     p.add_argument("--extra-body", default=None, help="JSON merged into every request body.")
     p.add_argument("--result-json", default=None, help="Also write the JSON summaries here.")
+    p.add_argument("--per-request-out", default=None,
+                   help="Write each request's times as JSON lines to FILE.RATE (read them "
+                        "beside the server's KVFLOW_STEP_TRACE).")
     args = p.parse_args(argv)
     serve_args = shlex.split(args.serve_args) if args.serve_args else None
     if args.offline_only:

@@ -57,3 +57,26 @@ def awq_kernel() -> str:
     if raw not in AWQ_KERNELS:
         raise ValueError(f"KVFLOW_AWQ_KERNEL={raw!r} is not one of {AWQ_KERNELS}.")
     return raw
+
+
+def max_gemv_tokens(default: int) -> int:
+    """Largest token count whose bf16/fp16 linears run the Triton GEMV instead of cuBLAS
+    (KVFLOW_MAX_GEMV_TOKENS; default: ``kvflow.layers.linear``'s measured choice).
+    A benchmark knob: it lets one run compare the two kernels at a batch size."""
+    raw = os.environ.get("KVFLOW_MAX_GEMV_TOKENS", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"KVFLOW_MAX_GEMV_TOKENS={raw!r} is not an integer.") from None
+    if not 0 <= value <= 64:
+        raise ValueError(f"KVFLOW_MAX_GEMV_TOKENS={raw!r} must be in 0..64 (the GEMV holds "
+                         "at most 64 tokens).")
+    return value
+
+
+def step_trace_path() -> str | None:
+    """File that receives one JSON line per engine step (KVFLOW_STEP_TRACE; unset: none).
+    See ``kvflow.engine.step_trace``."""
+    return os.environ.get("KVFLOW_STEP_TRACE") or None

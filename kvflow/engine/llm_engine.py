@@ -27,6 +27,7 @@ from kvflow.config import EngineArgs, EngineConfig
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerOutput
 from kvflow.engine.output_processor import OutputProcessor, RequestOutputKind, child_request_id
+from kvflow.engine.step_trace import StepTrace
 from kvflow.executor.base import StepHandle, create_executor
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
@@ -94,6 +95,7 @@ class LLMEngine:
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.step_trace = StepTrace.from_env()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -220,6 +222,7 @@ class LLMEngine:
         Asynchronously scheduled, the outputs are those of the step launched by
         the previous call (the module docstring has the picture).
         """
+        scheduled_at = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if sched.finished_req_ids or sched.preempted_req_ids:
@@ -227,6 +230,7 @@ class LLMEngine:
             handle = None
         else:
             handle = self.executor.execute_model_async(sched)
+            self.step_trace.launched(sched, scheduled_at)
         if not self.async_scheduling:
             return [] if handle is None else self._process(sched, handle)
         previous, self._in_flight = self._in_flight, (
@@ -235,6 +239,7 @@ class LLMEngine:
 
     def _process(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(sched, handle.result())
+        self.step_trace.done(sched)
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, to_abort = self.output_processor.process_outputs(core_outputs)
         if to_abort:
@@ -254,4 +259,5 @@ class LLMEngine:
             prefix_cache_queries=pool.num_queries, prefix_cache_hits=pool.num_hits)
 
     def shutdown(self) -> None:
+        self.step_trace.close()
         self.executor.shutdown()

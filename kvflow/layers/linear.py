@@ -21,16 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow import envs
 from kvflow.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from kvflow.layers.fast_path import use_triton
 
-DEFAULT_MAX_GEMV_TOKENS = 8
+DEFAULT_MAX_GEMV_TOKENS = envs.max_gemv_tokens(8)
 """On CUDA, fp16/bf16 matmuls of at most this many tokens run the Triton GEMV
 (``kvflow.kernels.gemv``) instead of cuBLAS. Measured on an H100 inside CUDA graphs
 (benchmarks/kernels/bench_gemv.py, Llama-2-7B/3-8B linears and LM heads): at one
 token the GEMV is 1.04-1.21x faster than F.linear (2.5-3.1 TB/s against 2.0-2.8),
 at 2-8 tokens 0.98-1.11x; past 8 the batches are prefill chunks or large decode
-batches, where cuBLAS's tensor-core tiles are the better tool."""
+batches, where cuBLAS's tensor-core tiles are the better tool. KVFLOW_MAX_GEMV_TOKENS
+overrides it (read at import) for A/B runs."""
 
 
 def set_weight_attrs(param: nn.Parameter, **attrs: object) -> None:
