@@ -56,6 +56,7 @@ from kvflow.engine.core_messages import (
 )
 from kvflow.engine.engine_core import AddRequest, EngineCore, RequestFailure
 from kvflow.engine.llm_engine import EngineStats, LLMEngine
+from kvflow.gc_freeze import freeze_startup_heap
 
 logger = logging.getLogger("kvflow.engine")
 
@@ -149,6 +150,7 @@ def run_engine_core(config: EngineConfig, input_conn: Connection,
             failure = RequestFailure(f"{type(exc).__name__}: {exc}", is_bad_input=False)
         _send_quietly(output_conn, StartupFailed(failure))
         _exit(1)
+    freeze_startup_heap("engine core")  # the process lives as long as the server
     if _send_quietly(output_conn, CoreReady(engine.get_stats())):
         EngineCoreLoop(EngineCore(engine), input_conn, output_conn).run()
     engine.shutdown()

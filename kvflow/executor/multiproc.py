@@ -97,12 +97,14 @@ def _rank_main(config: EngineConfig, rank: int, world_size: int, init_method: st
     # Ctrl-C reaches the whole process group; the driver decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from kvflow.distributed.parallel_state import destroy_tensor_parallel
+    from kvflow.gc_freeze import freeze_startup_heap
     from kvflow.worker.worker import Worker
 
     try:
         device = rank_device(config, rank)
         init_rank_environment(rank, world_size, device, init_method)
         worker = Worker(config, device=device)
+        freeze_startup_heap(f"rank {rank}")  # a rank lives as long as its engine
         result_conn.send((0, "ok", None))
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, then exit
         _send_error(result_conn, 0, rank, "startup", exc)

@@ -243,6 +243,10 @@ class CUDAGraphRunner:
                 hidden = self.model(*args)
             self.graphs[key] = _Graph(graph, hidden)
         backend.num_kv_splits = None  # eager steps choose from each step's lengths
+        # A graph's first replay uploads it to the device: do that here, at the capture
+        # state (no slot written), rather than in the first serving step that needs it.
+        for entry in self.graphs.values():
+            entry.graph.replay()
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s and mixed steps of %s tokens",
                     self.sizes, self.mixed_sizes)

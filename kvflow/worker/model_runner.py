@@ -223,6 +223,41 @@ class ModelRunner:
         pos = to_device(b.positions, torch.long, dev)
         return self.model(ids, pos, self.kv_caches, metadata)
 
+    # ------------------------------------------------------------------ warm-up
+    @torch.inference_mode()
+    def warm_up_sampling(self, max_rows: int) -> list[int]:
+        """Runs a step's eager tail (the LM head on the sampled rows, then the sampler) at
+        start-up, once per kernel choice it makes by row count; returns the row counts run.
+
+        Why: the tail runs outside the CUDA graphs, and the first call of a Triton kernel
+        variant compiles it (or reads it from the disk cache) while the first call of a
+        CUDA kernel loads its module (lazy loading). Met by a serving step, such a first
+        call stalled it by 50-470 ms on the H100 (S1 step trace, benchmarks/RESULTS.md),
+        and every running request's TPOT paid for it. The rows mix greedy and random
+        sampling with top-k/p, min-p, a penalty and logprobs, so the sampler's kernels
+        load too. Row counts: 1..9 (the Triton GEMV's token range and cuBLAS past it),
+        then powers of two up to ``max_rows``.
+        """
+        head = getattr(self.model, "lm_head", None)
+        if head is None:
+            return []
+        hidden_size = head.weight.shape[-1]
+        greedy = SamplingRow(SamplingParams(temperature=0.0, max_tokens=1), [], [], None)
+        random = SamplingRow(SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.01,
+                                            repetition_penalty=1.1, logprobs=2, max_tokens=1),
+                             [1, 2, 3], [4], None)
+        counts = sorted({m for m in range(1, 10) if m <= max_rows}
+                        | {1 << i for i in range(4, max_rows.bit_length()) if 1 << i <= max_rows}
+                        | {max_rows})
+        for m in counts:
+            hidden = torch.zeros(m, hidden_size, dtype=head.weight.dtype, device=self.device)
+            logits = self.model.compute_logits(hidden)
+            self.sampler(logits, [greedy if i % 2 else random for i in range(m)])
+            self.sampler(logits, [greedy] * m)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return counts
+
     # ------------------------------------------------------------------ step
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(sched).result()

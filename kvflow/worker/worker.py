@@ -91,6 +91,8 @@ class Worker:
             graphs.capture()
         self.runner = ModelRunner(self.model, kv_caches, cc.block_size, self.device, mc.seed,
                                   graph_runner=graphs)
+        if self.device.type == "cuda":
+            self.runner.warm_up_sampling(self.config.scheduler_config.max_num_seqs)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None, "init_cache must run before execute_model"

@@ -57,6 +57,7 @@ from kvflow.entrypoints.openai.serving_base import OpenAIServing
 from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvflow.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from kvflow.gc_freeze import freeze_startup_heap
 
 logger = logging.getLogger("kvflow.entrypoints.openai")
 
@@ -138,6 +139,7 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        freeze_startup_heap("API server")  # see kvflow/gc_freeze.py
         yield
         await state.shutdown()
 
