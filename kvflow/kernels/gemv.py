@@ -61,7 +61,7 @@ def split_k_epilogue(acc, offs, bias_offs, mask, pid_s, numel, out_ptr, bias_ptr
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the token count: no variant per batch size
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split,
@@ -126,7 +126,7 @@ def _gemv_kernel(
                      M * N, out_ptr, bias_ptr, partial_ptr, HAS_BIAS, IS_SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "num_splits"])
 def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N, num_splits,
                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = sum over s of partial[s, i] (+ bias[i % N]), added in split order.

@@ -185,7 +185,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Run-time ints that vary step to step are not specialised (Triton compiles a variant for
+# an int equal to 1 and one for a multiple of 16): an eager step of a new batch size would
+# otherwise compile mid-serving. Only tile choices (constexprs) make variants.
+@triton.jit(do_not_specialize=["sliding_window", "num_reqs", "num_heads", "num_splits"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, alibi_slopes_ptr,
@@ -335,7 +338,7 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "num_heads", "num_splits"])
 def _reduce_kv_splits_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, query_start_loc_ptr,
     num_reqs, num_heads, num_splits, stride_ot, stride_oh,

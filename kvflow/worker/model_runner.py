@@ -258,6 +258,40 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         return counts
 
+    EAGER_WARM_UP_QUERY_LENS = (2, 4, 8, 16, 32, 64, 128)
+    """Query lengths of the eager warm-up: one per power-of-two bucket the attention tiles
+    are picked by (``kvflow.kernels.paged_attention.choose_config``; from 128 on, one tile)."""
+
+    @torch.inference_mode()
+    def warm_up_eager(self) -> list[int]:
+        """Runs one small eager forward per attention tile choice of a prefill-carrying
+        step; returns the query lengths run.
+
+        Why: steps too large for a CUDA graph (over 512 tokens: a whole prompt beside
+        the decodes) run eagerly, and their first call of a new tile variant compiles or
+        loads it mid-serving. Run-time ints are not specialised (see the kernels), so
+        the variants are the tile choices, a few per model; these forwards of two
+        requests each meet all of them. Nothing is written to the cache (slot -1).
+        """
+        lens = []
+        for q in self.EAGER_WARM_UP_QUERY_LENS:
+            num_blocks = -(-q // self.block_size)
+            qsl, seq_lens = [0, q, 2 * q], [q, q]
+            md = AttentionMetadata(
+                num_tokens=2 * q, max_query_len=q, max_seq_len=q,
+                query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros(2, num_blocks, dtype=torch.int32, device=self.device),
+                slot_mapping=torch.full((2 * q,), -1, dtype=torch.long, device=self.device),
+                query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+            positions = torch.arange(q, device=self.device).repeat(2)
+            self.model(torch.ones(2 * q, dtype=torch.long, device=self.device), positions,
+                       self.kv_caches, md)
+            lens.append(q)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return lens
+
     # ------------------------------------------------------------------ step
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(sched).result()

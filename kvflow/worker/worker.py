@@ -91,7 +91,9 @@ class Worker:
             graphs.capture()
         self.runner = ModelRunner(self.model, kv_caches, cc.block_size, self.device, mc.seed,
                                   graph_runner=graphs)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # first calls at start-up, not mid-serving
+            if self.config.device_config.attention_backend == "triton":
+                self.runner.warm_up_eager()  # padding slots (-1) need the Triton KV write
             self.runner.warm_up_sampling(self.config.scheduler_config.max_num_seqs)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -60,10 +60,11 @@ def test_freeze_collects_garbage_first_and_offline_engines_do_not_freeze(checkpo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles happen on a GPU only")
-def test_no_triton_compile_after_start_up(checkpoint):
+@pytest.mark.parametrize("budget", [256, 2048])  # 2048: steps over 512 tokens run eagerly
+def test_no_triton_compile_after_start_up(checkpoint, budget):
     from triton import knobs
 
-    llm = LLM(checkpoint("llama"), max_model_len=256, max_num_batched_tokens=256,
+    llm = LLM(checkpoint("llama"), max_model_len=256, max_num_batched_tokens=budget,
               max_num_seqs=32, dtype="bfloat16")
     compiled: list[str] = []
     previous = knobs.runtime.jit_post_compile_hook
@@ -74,7 +75,7 @@ def test_no_triton_compile_after_start_up(checkpoint):
                                    ignore_eos=True, seed=3),
                     SamplingParams(temperature=0.7, logprobs=3, max_tokens=4, ignore_eos=True)]
         for batch in (1, 2, 5, 9, 17, 30):
-            lens = [3 + (37 * i) % 120 for i in range(batch)]
+            lens = [3 + (37 * i) % 240 for i in range(batch)]
             prompts = tiny_models.random_prompts(420, lens, seed=batch)
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                                 [sampling[i % 3] for i in range(batch)], use_tqdm=False)
@@ -82,3 +83,26 @@ def test_no_triton_compile_after_start_up(checkpoint):
     finally:
         knobs.runtime.jit_post_compile_hook = previous
     assert compiled == [], f"{len(compiled)} Triton compiles after start-up: {compiled[:3]}"
+
+
+def test_eager_warm_up_runs_every_tile_bucket_and_writes_no_cache(checkpoint):
+    """The eager warm-up through the Triton backend (on CPU: Triton's interpreter): every
+    query-length bucket runs, and nothing lands in the KV cache (padding slots -1)."""
+    from kvflow.attention.backends.triton import TritonAttentionBackend
+    from kvflow.config import EngineArgs
+    from kvflow.models.base import ModelContext
+    from kvflow.models.loader import load_model
+    from kvflow.worker.model_runner import ModelRunner
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mc = EngineArgs(model=checkpoint("llama"), dtype="float32",
+                    attention_backend="torch").create_engine_config().model_config
+    model = load_model(mc, ModelContext(dtype=torch.float32,
+                                        attn_backend=TritonAttentionBackend()), device)
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(2, 80, 4, mc.num_kv_heads, mc.head_dim, generator=gen).to(device)
+              for _ in range(mc.num_layers)]
+    before = [c.clone() for c in caches]
+    runner = ModelRunner(model, caches, 4, device, seed=0)
+    assert runner.warm_up_eager() == [2, 4, 8, 16, 32, 64, 128]
+    assert all(torch.equal(a, b) for a, b in zip(before, caches))
