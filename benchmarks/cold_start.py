@@ -488,17 +488,14 @@ def breakdown(r: dict) -> list[tuple[str, float]]:
     timers, startup = r["timers"], r["startup"]
     config = timers.get("config", 0.0)
     config_parts = [(k, v) for k, v in timers.items() if k.startswith("config.")]
-    # The tokenizer loads in a thread beside the model: what the start waits for it is the
-    # engine's "tokenizer_wait" (a startup row); its whole load shows indented, not summed.
-    tokenizer = timers.get("eos ids", 0.0)
+    tokenizer = timers.get("tokenizer", 0.0) + timers.get("eos ids", 0.0)
     engine_known = config + tokenizer + sum(startup.values())
     rows = [("interpreter start", r["interpreter"]), ("import kvflow", r["import"]),
             ("(benchmark harness)", r["harness"]), ("create_engine_config", config)]
     rows += [("  " + k.removeprefix("config."), v) for k, v in config_parts]
     rows.append(("  (rest of create_engine_config)", config - sum(v for _, v in config_parts)))
-    rows += [("EOS ids", tokenizer)]
+    rows += [("tokenizer + EOS ids", tokenizer)]
     rows += [(k.replace("_", " "), v) for k, v in startup.items()]
-    rows.append(("  (tokenizer load, beside load/profile/graphs)", timers.get("tokenizer", 0.0)))
     rows += [("engine, other", r["engine"] - engine_known), ("first token", r["first_token"])]
     accounted = sum(v for k, v in rows if not k.startswith("  "))
     rows.append(("unaccounted", r["to_first_token"] - accounted))

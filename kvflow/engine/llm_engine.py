@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
@@ -54,53 +53,33 @@ class EngineStats:
     prefix_cache_hits: int
 
 
-def _load_tokenizer_in_background(config: EngineConfig) -> Optional["Future[Any]"]:
-    """Starts ``load_tokenizer`` in a worker thread; its future, or None if tokenization is off."""
-    if config.skip_tokenizer_init:
-        return None
-    mc = config.model_config
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kvflow-tokenizer")
-    future = pool.submit(load_tokenizer, mc.tokenizer, trust_remote_code=mc.trust_remote_code)
-    pool.shutdown(wait=False)  # the thread ends with the load
-    return future
-
-
 class LLMEngine:
     """The synchronous engine the offline ``LLM`` and the async server are built on."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc, cc, sc = config.model_config, config.cache_config, config.scheduler_config
-        # The tokenizer loads in a thread while the model loads, is profiled and captured:
-        # its imports (transformers) and file reads do not depend on the weights, and took
-        # 3.7 s of C1's 12.6 s start on the H100 machine when they ran first (RESULTS.md).
-        tokenizer = _load_tokenizer_in_background(config)
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, mc.model, mc.hf_config)
         t0 = time.perf_counter()
         self.executor = create_executor(config)
-        try:
-            t1 = time.perf_counter()
-            available = self.executor.determine_num_blocks()
-            t2 = time.perf_counter()
-            # No request can ever need more than max_model_len tokens' worth of blocks each.
-            useful = sc.max_num_seqs * -(-sc.max_model_len // cc.block_size)
-            num_blocks = (min(available, useful) if cc.num_gpu_blocks_override is None
-                          else available)
-            if num_blocks * cc.block_size < sc.max_model_len:
-                raise ValueError(
-                    f"The KV cache holds {num_blocks} blocks x {cc.block_size} tokens = "
-                    f"{num_blocks * cc.block_size} tokens, fewer than max_model_len="
-                    f"{sc.max_model_len}. Lower max_model_len, or raise gpu_memory_utilization / "
-                    "num_gpu_blocks_override (KVFLOW_CPU_KVCACHE_SPACE on CPU).")
-            self.executor.init_cache(num_blocks)
-            t3 = time.perf_counter()
-            self.tokenizer = None if tokenizer is None else tokenizer.result()
-            t4 = time.perf_counter()
-        except BaseException:
-            self.executor.shutdown()  # workers, their processes and memory go with the error
-            raise
-        self.eos_token_ids = eos_token_ids(self.tokenizer, mc.model, mc.hf_config)
-        self.startup_seconds = {"load": t1 - t0, "profile": t2 - t1, "cache_and_graphs": t3 - t2,
-                                "tokenizer_wait": t4 - t3}
+        t1 = time.perf_counter()
+        available = self.executor.determine_num_blocks()
+        t2 = time.perf_counter()
+        # No request can ever need more than max_model_len tokens' worth of blocks each.
+        useful = sc.max_num_seqs * -(-sc.max_model_len // cc.block_size)
+        num_blocks = min(available, useful) if cc.num_gpu_blocks_override is None else available
+        if num_blocks * cc.block_size < sc.max_model_len:
+            raise ValueError(
+                f"The KV cache holds {num_blocks} blocks x {cc.block_size} tokens = "
+                f"{num_blocks * cc.block_size} tokens, fewer than max_model_len={sc.max_model_len}. "
+                "Lower max_model_len, or raise gpu_memory_utilization / num_gpu_blocks_override "
+                "(KVFLOW_CPU_KVCACHE_SPACE on CPU).")
+        self.executor.init_cache(num_blocks)
+        t3 = time.perf_counter()
+        self.startup_seconds = {"load": t1 - t0, "profile": t2 - t1, "cache_and_graphs": t3 - t2}
         logger.info("start-up: model load %.2f s, memory profile %.2f s, KV cache + CUDA graphs "
                     "%.2f s", t1 - t0, t2 - t1, t3 - t2)
         self.num_blocks = num_blocks
