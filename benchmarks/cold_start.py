@@ -587,6 +587,8 @@ def main() -> None:
                          "tokenizer was counted)")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
+    if args.compare:  # the children run in a neutral folder: a relative path would miss
+        args.compare = os.path.abspath(args.compare)
     path = args.dir or os.path.join(tempfile.gettempdir(), f"kvflow-c1-{args.shape}")
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     t = time.perf_counter()
