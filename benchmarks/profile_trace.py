@@ -61,6 +61,8 @@ class TraceSummary:
     gaps_ms: float
     """Wall time with no kernel running, same unit."""
     num_kernels: int
+    top: list[tuple[str, float, int]]
+    """Kernels by summed GPU time: (name, ms per step, launches), longest first."""
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
@@ -99,7 +101,13 @@ def trace(region: str, fn: Callable[[], None], device: str, steps: int = 1) -> T
     busy = {c: _union_us(iv) / 1e3 / steps for c, iv in per_cat.items()}
     all_busy = _union_us([iv for ivs in per_cat.values() for iv in ivs]) / 1e3 / steps
     wall_ms = wall_us / 1e3 / steps
-    return TraceSummary(region, wall_ms, busy, max(0.0, wall_ms - all_busy), len(kernels))
+    per_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = per_name.setdefault(e.name, [0.0, 0])
+        entry[0] += (e.time_range.end - e.time_range.start) / 1e3 / steps
+        entry[1] += 1
+    top = sorted(((n, ms, int(c)) for n, (ms, c) in per_name.items()), key=lambda t: -t[1])
+    return TraceSummary(region, wall_ms, busy, max(0.0, wall_ms - all_busy), len(kernels), top)
 
 
 def print_table(summaries: list[TraceSummary]) -> None:
@@ -110,6 +118,15 @@ def print_table(summaries: list[TraceSummary]) -> None:
         shares = " | ".join(f"{100 * s.busy_ms[c] / s.wall_ms:.1f}" for c in CATEGORIES)
         print(f"| {s.region} | {s.wall_ms:.2f} | {shares} | {100 * s.gaps_ms / s.wall_ms:.1f} | "
               f"{s.num_kernels} |", flush=True)
+
+
+def print_top(summaries: list[TraceSummary], count: int) -> None:
+    """The ``count`` kernels with the most GPU time per region (names cut to 90 chars)."""
+    for s in summaries:
+        print(f"\n{s.region}: top kernels by GPU time\n\n| kernel | ms | % of wall | launches |"
+              "\n|---|---|---|---|")
+        for name, ms, launches in s.top[:count]:
+            print(f"| `{name[:90]}` | {ms:.2f} | {100 * ms / s.wall_ms:.1f} | {launches} |")
 
 
 def trace_l1(llm, device: str, token_id_max: int, steps: int) -> TraceSummary:
@@ -179,6 +196,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="T1 region: 32 requests x 64 tokens")
     ap.add_argument("--l1-steps", type=int, default=32)
+    ap.add_argument("--top", type=int, default=0, help="also list the N longest kernels")
     args = ap.parse_args()
     cfg = SHAPES[args.shape]
     model_dir = tempfile.mkdtemp(prefix="kvflow-trace-")
@@ -187,8 +205,11 @@ def main() -> None:
     token_id_max = min(100000, cfg["vocab_size"])
     n, tokens = (32, 64) if args.quick or args.device == "cpu" else (128, 256)
     reqs = [[t % token_id_max for t in r] for r in t1_requests(n)]
-    print_table(run_traces(model_dir, args.device, token_id_max, l1_steps=args.l1_steps,
-                           t1_requests=reqs, t1_tokens=tokens))
+    summaries = run_traces(model_dir, args.device, token_id_max, l1_steps=args.l1_steps,
+                           t1_requests=reqs, t1_tokens=tokens)
+    print_table(summaries)
+    if args.top:
+        print_top(summaries, args.top)
 
 
 if __name__ == "__main__":
