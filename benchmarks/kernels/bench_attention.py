@@ -263,6 +263,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs per shape")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--batches", default=None, help="decode batch sizes, comma list")
+    parser.add_argument("--contexts", default=None, help="decode context lengths, comma list")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill tables")
     parser.add_argument("--budget-gib", type=float, default=16.0,
                         help="max K/V bytes of one shape (all its layers)")
     args = parser.parse_args()
@@ -285,7 +288,11 @@ def main() -> None:
         batches, contexts = [1, 16, 128], [512, 4096, 32768]
     else:
         batches, contexts = [1, 4, 16, 64, 256], [128, 512, 2048, 8192, 32768]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else contexts
     bench_decode(dtype, batches, contexts, copy_bw, budget, args.tune)
+    if args.decode_only:
+        return
 
     prefill = [  # (name, q_lens, seq_lens, SDPA peer (B, L) or None)
         ("1 x 8192", [8192], [8192], (1, 8192)),
