@@ -68,8 +68,11 @@ def choose_config(max_query_len: int, num_queries_per_kv: int, head_size: int) -
     tile_n = 64 if head_size <= 128 else 32
     if max_query_len == 1:
         # One token per request: the Q tile only holds G rows; 16 is tl.dot's minimum.
+        # Two stages: against three, faster on 24 of 29 decode shapes on the H100 (batch
+        # 1..256 x context 512..32k; 16-20% at batch 64, 6% at T1's batch 128 x 1024),
+        # 4-7% slower on 4 (benchmarks/RESULTS.md, fourth session).
         return PagedAttentionConfig(block_m=max(16, group), tile_n=tile_n, num_warps=4,
-                                    num_stages=3 if head_size <= 128 else 2)
+                                    num_stages=2)
     block_m = 128 if head_size <= 128 else 64
     # Short queries (speculative decoding, small chunks) would waste most of a 128-row tile.
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len * num_queries_per_kv)))
