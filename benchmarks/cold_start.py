@@ -2,7 +2,7 @@
 
     python benchmarks/cold_start.py [--shape llama3-8b] [--dir /tmp/kvflow-c1] [--runs 2]
                                     [--profile] [--dummy] [--no-tokenizer] [--compare DIR]
-                                    [--skip-hf]
+                                    [--skip-hf] [--no-compile]
     python benchmarks/cold_start.py --shape tiny --device cpu --profile   # CPU dry run
 
 Writes the checkpoint once (random bf16 weights of the shape, 5 GB shards) and a
@@ -43,6 +43,8 @@ summed per top-level package, and the slowest modules) and one under cProfile
 tokenizer only, ``load_format="dummy"``): enough to see everything before the
 weights. ``--compare DIR`` also starts the kvflow package found in DIR (e.g. an
 export of an older commit), so before/after come from one machine.
+Before the starts, kvflow and the PYTHONPATH packages are byte-compiled (as ``pip
+install`` leaves them; ``--no-compile`` skips it): see ``compile_sources``.
 """
 
 from __future__ import annotations
@@ -568,6 +570,26 @@ def environment_facts() -> None:
     print("environment: " + "; ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
 
 
+def compile_sources() -> list[str]:
+    """Byte-compiles kvflow and every PYTHONPATH entry, as ``pip install`` does; returns them.
+
+    Why: a package installed by pip carries its ``.pyc`` files, but the benchmark's GPU
+    machine runs kvflow from a copy of the repository and the carried wheels from a folder
+    installed with ``--no-compile``, under ``PYTHONDONTWRITEBYTECODE=1``: every start then
+    compiled those modules from source again (on the tokenizer's path: huggingface_hub's
+    HTTP stack, 3.7 s of a 12.6 s C1 there). Bytecode written here is only read by the
+    starts, not by anything timed.
+    """
+    import compileall
+
+    roots = [os.path.join(REPO_ROOT, "kvflow")]
+    roots += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+              if p and os.path.isdir(p) and os.path.abspath(p) != REPO_ROOT]
+    for root in roots:
+        compileall.compile_dir(root, quiet=1, workers=0)
+    return roots
+
+
 def main() -> None:
     from gpu_suite import SHAPES
 
@@ -586,6 +608,8 @@ def main() -> None:
                     help="no tokenizer: start with skip_tokenizer_init=True (C1 before the "
                          "tokenizer was counted)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="do not byte-compile kvflow and the PYTHONPATH packages first")
     args = ap.parse_args()
     if args.compare:  # the children run in a neutral folder: a relative path would miss
         args.compare = os.path.abspath(args.compare)
@@ -604,6 +628,10 @@ def main() -> None:
         size = os.path.getsize(os.path.join(path, "tokenizer.json")) / 1e6
         print(f"tokenizer {'written' if written else 'already there'} in "
               f"{time.perf_counter() - t:.1f} s (tokenizer.json {size:.1f} MB)", flush=True)
+    if not args.no_compile:
+        t = time.perf_counter()
+        roots = compile_sources()
+        print(f"byte-compiled {', '.join(roots)} in {time.perf_counter() - t:.1f} s", flush=True)
     environment_facts()
     child_argv = [path, args.device, dtype, "dummy" if args.dummy else "auto",
                   "1" if with_tokenizer else "0"]
