@@ -11,6 +11,7 @@ from torch import nn
 
 from kvflow.attention.backends.base import BaseAttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import LinearMethod
 
 
@@ -66,6 +67,48 @@ class CausalLM(nn.Module):
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies checkpoint tensors (HF names) into the parameters; returns those loaded."""
+
+
+class CausalLMWithHead(CausalLM):
+    """A family's decoder stack under a vocabulary head: the wrapper every family shares.
+
+    A subclass reads its frozen arch in ``arch_from_hf``. Its constructor stores
+    that arch as ``self.arch``, builds the stack under the checkpoint's name for
+    it (``model``, ``transformer``: parameter names are checkpoint names, so the
+    stack cannot move to a common attribute), then calls ``_add_lm_head``.
+    ``forward`` and ``load_weights`` stay with the family: what the stack reads
+    (positions, or none under ALiBi) and how a checkpoint stores q, k and v differ.
+    """
+
+    arch: Any
+    """Read here: ``vocab_size``, ``hidden_size``, ``tie_word_embeddings`` and
+    the ``ModelDescription`` fields (``max_position`` for its last)."""
+
+    @classmethod
+    @abstractmethod
+    def arch_from_hf(cls, cfg: Any) -> Any:
+        """The family's frozen arch, read once from the HF config."""
+
+    @classmethod
+    def describe(cls, hf_config: Any) -> ModelDescription:
+        arch = cls.arch_from_hf(hf_config)
+        return ModelDescription(arch.num_layers, arch.num_heads, arch.num_kv_heads,
+                                arch.head_dim, arch.vocab_size, arch.max_position)
+
+    def _add_lm_head(self, embedding: VocabParallelEmbedding, dtype: torch.dtype) -> None:
+        """Adds ``lm_head`` (sharing ``embedding``'s weight if the arch ties them), then
+        gives every parameter its weight loader.
+
+        Last in the constructor: ``bind_weight_loaders`` only sees the parameters
+        that exist by then.
+        """
+        self.lm_head = ParallelLMHead(self.arch.vocab_size, self.arch.hidden_size, dtype)
+        if self.arch.tie_word_embeddings:
+            self.lm_head.tie_to(embedding)
+        bind_weight_loaders(self)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
 
 
 def load_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

@@ -32,12 +32,11 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.distributed.parallel_state import tp_all_reduce
 from kvflow.layers.alibi import bloom_alibi_slopes, shard_heads
 from kvflow.layers.attention import Attention
-from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import LayerNorm
 from kvflow.layers.rotary import RopeScaling, RotaryEmbedding
-from kvflow.models.base import (CausalLM, ModelContext, ModelDescription, bind_weight_loaders,
-                                get_cfg, load_with_fused_qkv)
+from kvflow.models.base import CausalLMWithHead, ModelContext, get_cfg, load_with_fused_qkv
 from kvflow.models.llama import rope_parameters
 
 _REMOTE_CODE_40B = "RefinedWeb"
@@ -264,29 +263,21 @@ def split_query_key_value(fused: torch.Tensor, num_heads: int, num_kv_heads: int
     return q, k, v
 
 
-class FalconForCausalLM(CausalLM):
+class FalconForCausalLM(CausalLMWithHead):
     """``FalconForCausalLM`` (transformers) and ``RWForCausalLM`` (remote code) checkpoints."""
 
     @classmethod
-    def describe(cls, hf_config: Any) -> ModelDescription:
-        arch = FalconArch.from_hf(hf_config)
-        return ModelDescription(arch.num_layers, arch.num_heads, arch.num_kv_heads,
-                                arch.head_dim, arch.vocab_size, arch.max_position)
+    def arch_from_hf(cls, cfg: Any) -> FalconArch:
+        return FalconArch.from_hf(cfg)
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
-        self.arch = arch = FalconArch.from_hf(hf_config)
+        self.arch = arch = self.arch_from_hf(hf_config)
         self.transformer = FalconModel(arch, ctx)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, ctx.dtype)
-        if arch.tie_word_embeddings:
-            self.lm_head.tie_to(self.transformer.word_embeddings)
-        bind_weight_loaders(self)
+        self._add_lm_head(self.transformer.word_embeddings, ctx.dtype)
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         return self.transformer(input_ids, positions, kv_caches, metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         arch = self.arch

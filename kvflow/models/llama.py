@@ -17,12 +17,11 @@ from torch import nn
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.attention import Attention
-from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RopeScaling, RotaryEmbedding
-from kvflow.models.base import (CausalLM, ModelContext, ModelDescription, bind_weight_loaders,
-                                get_cfg, load_by_name)
+from kvflow.models.base import CausalLMWithHead, ModelContext, get_cfg, load_by_name
 
 
 def rope_parameters(cfg: Any) -> tuple[float, Optional[dict]]:
@@ -191,7 +190,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(CausalLMWithHead):
     """Llama 2/3 and Mistral; Qwen2/Qwen3 subclass it with their switches."""
 
     # Checkpoint sub-names fused into one parameter: (fused, part, shard id).
@@ -207,26 +206,14 @@ class LlamaForCausalLM(CausalLM):
     def arch_from_hf(cls, cfg: Any) -> LlamaArch:
         return LlamaArch.from_hf(cfg)
 
-    @classmethod
-    def describe(cls, hf_config: Any) -> ModelDescription:
-        arch = cls.arch_from_hf(hf_config)
-        return ModelDescription(arch.num_layers, arch.num_heads, arch.num_kv_heads,
-                                arch.head_dim, arch.vocab_size, arch.max_position)
-
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
         self.arch = arch = self.arch_from_hf(hf_config)
         self.model = LlamaModel(arch, ctx)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, ctx.dtype)
-        if arch.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-        bind_weight_loaders(self)
+        self._add_lm_head(self.model.embed_tokens, ctx.dtype)
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         return self.model(input_ids, positions, kv_caches, metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # A tied head's "lm_head.weight" and rotary buffers are no parameters here:

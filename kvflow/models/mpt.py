@@ -31,11 +31,10 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.distributed.parallel_state import get_tp_size
 from kvflow.layers.alibi import mpt_alibi_slopes, shard_heads
 from kvflow.layers.attention import Attention
-from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import LayerNorm
-from kvflow.models.base import (CausalLM, ModelContext, ModelDescription, bind_weight_loaders,
-                                get_cfg, load_with_fused_qkv)
+from kvflow.models.base import CausalLMWithHead, ModelContext, get_cfg, load_with_fused_qkv
 
 _NORM_TYPES = ("layernorm", "low_precision_layernorm")
 
@@ -51,7 +50,8 @@ class MptArch:
     num_kv_heads: int
     """Heads of K and V: all (multi-head), 1 (multi-query) or ``kv_n_heads`` (grouped)."""
     head_dim: int
-    max_seq_len: int
+    max_position: int
+    """The config's ``max_seq_len``, under the name the other families' archs use."""
     alibi_bias_max: float
     softmax_scale: float
     clip_qkv: Optional[float]
@@ -123,7 +123,7 @@ class MptArch:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            max_seq_len=int(get_cfg(cfg, "max_seq_len", default=2048)),
+            max_position=int(get_cfg(cfg, "max_seq_len", default=2048)),
             alibi_bias_max=float(get_cfg(attn, "alibi_bias_max", default=8)),
             softmax_scale=(float(softmax_scale) if softmax_scale is not None
                            else 1 / math.sqrt(hidden / num_heads)),
@@ -227,30 +227,25 @@ class MptModel(nn.Module):
         return hidden
 
 
-class MptForCausalLM(CausalLM):
+class MptForCausalLM(CausalLMWithHead):
     """Both ``MptForCausalLM`` (transformers) and ``MPTForCausalLM`` (mosaicml) checkpoints."""
 
     @classmethod
-    def describe(cls, hf_config: Any) -> ModelDescription:
-        arch = MptArch.from_hf(hf_config)
-        return ModelDescription(arch.num_layers, arch.num_heads, arch.num_kv_heads,
-                                arch.head_dim, arch.vocab_size, arch.max_seq_len)
+    def arch_from_hf(cls, cfg: Any) -> MptArch:
+        return MptArch.from_hf(cfg)
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
-        self.arch = arch = MptArch.from_hf(hf_config)
+        self.arch = arch = self.arch_from_hf(hf_config)
         self.transformer = MptModel(arch, ctx)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, ctx.dtype)
-        if arch.tie_word_embeddings:
-            self.lm_head.tie_to(self.transformer.wte)
-        bind_weight_loaders(self)
+        self._add_lm_head(self.transformer.wte, ctx.dtype)
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         # ALiBi needs no positions: the backend derives k - p from the block tables.
         return self.transformer(input_ids, kv_caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head.compute_logits(hidden)
+        logits = super().compute_logits(hidden)
         if self.arch.logit_scale is not None:
             logits = logits * self.arch.logit_scale
         return logits
