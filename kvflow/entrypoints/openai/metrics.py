@@ -77,21 +77,22 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry.register(_EngineStatsCollector(async_llm, model_name))
         labels = ["model_name"]
-        self.ttft = Histogram(
-            "kvflow:time_to_first_token_seconds", "Time from arrival to the first output token.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
-        self.e2e = Histogram(
-            "kvflow:e2e_request_latency_seconds", "Time from arrival to the last output token.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
-        self.itl = Histogram(
-            "kvflow:inter_token_latency_seconds", "Time between two output tokens of a request.",
-            labels, buckets=_ITL_BUCKETS, registry=self.registry).labels(model_name)
-        self.prompt_len = Histogram(
-            "kvflow:request_prompt_tokens", "Prompt tokens per request.",
-            labels, buckets=_TOKEN_BUCKETS, registry=self.registry).labels(model_name)
-        self.output_len = Histogram(
-            "kvflow:request_generation_tokens", "Generated tokens per request.",
-            labels, buckets=_TOKEN_BUCKETS, registry=self.registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            """This model's child of a histogram registered here."""
+            return Histogram(f"kvflow:{name}", doc, labels, buckets=buckets,
+                             registry=self.registry).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "Time from arrival to the first output token.", _LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds",
+                             "Time from arrival to the last output token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Time between two output tokens of a request.", _ITL_BUCKETS)
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request.",
+                                    _TOKEN_BUCKETS)
+        self.output_len = histogram("request_generation_tokens", "Generated tokens per request.",
+                                    _TOKEN_BUCKETS)
         self._success = Counter(
             "kvflow:request_success", "Requests finished, by finish reason.",
             labels + ["finished_reason"], registry=self.registry)
