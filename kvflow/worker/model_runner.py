@@ -243,16 +243,16 @@ class ModelRunner:
             return []
         hidden_size = head.weight.shape[-1]
         greedy = SamplingRow(SamplingParams(temperature=0.0, max_tokens=1), [], [], None)
-        random = SamplingRow(SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.01,
-                                            repetition_penalty=1.1, logprobs=2, max_tokens=1),
-                             [1, 2, 3], [4], None)
+        drawn = SamplingRow(SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.01,
+                                           repetition_penalty=1.1, logprobs=2, max_tokens=1),
+                            [1, 2, 3], [4], None)
         counts = sorted({m for m in range(1, 10) if m <= max_rows}
                         | {1 << i for i in range(4, max_rows.bit_length()) if 1 << i <= max_rows}
                         | {max_rows})
         for m in counts:
             hidden = torch.zeros(m, hidden_size, dtype=head.weight.dtype, device=self.device)
             logits = self.model.compute_logits(hidden)
-            self.sampler(logits, [greedy if i % 2 else random for i in range(m)])
+            self.sampler(logits, [greedy if i % 2 else drawn for i in range(m)])
             self.sampler(logits, [greedy] * m)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
