@@ -162,10 +162,12 @@ class EngineArgs:
     cpu_kv_cache_space: Optional[float] = None
     async_scheduling: Optional[bool] = None
     """None: on for the in-process worker (tensor_parallel_size 1), off otherwise."""
+    disable_log_stats: bool = True
+    """No periodic load line (throughput, running/waiting, KV cache): the offline ``LLM``
+    never logs one; ``kvflow serve`` does unless given ``--disable-log-stats``."""
     # Accepted for compatibility with vLLM scripts; they change nothing here.
     swap_space: float = 4
     enable_chunked_prefill: Optional[bool] = None
-    disable_log_stats: bool = True
     disable_custom_all_reduce: bool = False
     cpu_offload_gb: float = 0
 

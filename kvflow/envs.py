@@ -80,3 +80,8 @@ def step_trace_path() -> str | None:
     """File that receives one JSON line per engine step (KVFLOW_STEP_TRACE; unset: none).
     See ``kvflow.engine.step_trace``."""
     return os.environ.get("KVFLOW_STEP_TRACE") or None
+
+
+def log_stats_interval() -> float:
+    """Seconds between ``kvflow serve``'s load lines (KVFLOW_LOG_STATS_INTERVAL, default 10)."""
+    return _float("KVFLOW_LOG_STATS_INTERVAL", 10.0)

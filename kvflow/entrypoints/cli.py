@@ -133,8 +133,9 @@ def _serve(ns: argparse.Namespace) -> int:
     server_values = {f.name: _json_list(getattr(ns, f.name))
                      for f in dataclasses.fields(ServerArgs) if hasattr(ns, f.name)}
     names = ns.served_model_name or [_default_served_name(ns, model)]
-    server_args = ServerArgs(**server_values, served_model_names=list(names))
     engine_args = engine_args_from(ns, model)
+    server_args = ServerArgs(**server_values, served_model_names=list(names),
+                             log_stats=not engine_args.disable_log_stats)
     engine_args.served_model_name = names[0]
     async_llm = AsyncLLM.from_engine_args(
         engine_args, in_process=server_args.disable_frontend_multiprocessing)
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Model folder, .gguf file or hub id (default: the built-in model).")
     add_dataclass_flags(serve, ServerArgs, title="server")
     add_dataclass_flags(serve, EngineArgs, title="engine")
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, disable_log_stats=False)  # the server logs its load
 
     gen = sub.add_parser("generate", formatter_class=fmt,
                          help="Generate text for prompts offline and print it.")

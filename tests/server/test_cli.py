@@ -44,7 +44,9 @@ def test_every_engine_field_is_a_flag(command):
 
 def test_vllm_flag_names_and_defaults():
     ns = cli.build_parser().parse_args(["serve", "m"])
-    assert cli.engine_args_from(ns, "m") == EngineArgs(model="m")
+    # Every engine default is EngineArgs' (the offline LLM's) but one: like vLLM's server,
+    # `serve` logs its load line unless --disable-log-stats.
+    assert cli.engine_args_from(ns, "m") == EngineArgs(model="m", disable_log_stats=False)
     assert ns.port == 8000 and ns.host is None and ns.api_key is None
     assert ns.disable_frontend_multiprocessing is False
     assert ns.allowed_origins == ["*"]

@@ -30,7 +30,8 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def server(tiny_model):
     srv = ServerProcess(tiny_model, "--max-model-len", str(MAX_MODEL_LEN),
-                        "--served-model-name", NAME, ALIAS)
+                        "--served-model-name", NAME, ALIAS,
+                        env={"KVFLOW_LOG_STATS_INTERVAL": "0.5"})
     yield srv
     log = srv.log()
     srv.close()
@@ -497,3 +498,14 @@ def test_langchain_chat_openai(server, chat_reference):
     assert reply.content == chat_reference[0]
     assert reply.usage_metadata["output_tokens"] == MAX_TOKENS
     assert "".join(c.content for c in chat.stream(messages)) == chat_reference[0]
+
+
+def test_server_logs_its_load_while_busy(server, client):
+    """The periodic load line (stats_logger.py) reaches the server's log after work."""
+    client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                              temperature=0)
+    deadline = time.monotonic() + 10
+    while "Avg generation throughput" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    line = next(l for l in server.log().splitlines() if "Avg generation throughput" in l)
+    assert "Running:" in line and "KV cache usage:" in line and "Prefix cache hit rate:" in line

@@ -57,6 +57,7 @@ from kvflow.entrypoints.openai.serving_base import OpenAIServing
 from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvflow.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from kvflow.entrypoints.openai.stats_logger import StatsLogger
 from kvflow.gc_freeze import freeze_startup_heap
 
 logger = logging.getLogger("kvflow.entrypoints.openai")
@@ -101,6 +102,9 @@ class ServerArgs:
     disable_frontend_multiprocessing: bool = False
     """Run the engine in the server's own process (a worker thread) instead of the engine
     core process; the event loop and the engine then share one GIL."""
+    log_stats: bool = field(default=True, metadata={"cli": False})
+    """Log the load line every KVFLOW_LOG_STATS_INTERVAL s while busy (stats_logger.py);
+    ``kvflow serve`` sets it from the engine flag ``--disable-log-stats``."""
     served_model_names: list[str] = field(default_factory=list, metadata={"cli": False})
     """Names clients may use for the model; the first is the one responses carry.
     Set by ``kvflow serve`` from ``--served-model-name`` (default: the model argument)."""
@@ -140,7 +144,11 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         freeze_startup_heap("API server")  # see kvflow/gc_freeze.py
+        stats_task = (asyncio.ensure_future(StatsLogger(async_llm.get_stats).run(
+            envs.log_stats_interval())) if args.log_stats else None)
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         await state.shutdown()
 
     app = FastAPI(title="kvflow", version=__version__, lifespan=lifespan,
