@@ -162,6 +162,11 @@ class EngineArgs:
     cpu_kv_cache_space: Optional[float] = None
     async_scheduling: Optional[bool] = None
     """None: on for the in-process worker (tensor_parallel_size 1), off otherwise."""
+    kv_cache_dtype: str = "auto"
+    """Element type of the KV cache: "auto" (the model's dtype) or that dtype's name;
+    kvflow has no fp8 cache."""
+    pipeline_parallel_size: int = 1
+    """Only 1: kvflow splits a model over GPUs by tensor parallelism."""
     disable_log_stats: bool = True
     """No periodic load line (throughput, running/waiting, KV cache): the offline ``LLM``
     never logs one; ``kvflow serve`` does unless given ``--disable-log-stats``."""
@@ -205,6 +210,13 @@ class EngineArgs:
             _fail("max_model_len", self.max_model_len, "must be >= 1")
         if self.tensor_parallel_size < 1:
             _fail("tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
+        if self.pipeline_parallel_size != 1:
+            _fail("pipeline_parallel_size", self.pipeline_parallel_size,
+                  "only 1 (no pipeline parallelism); split the model with tensor_parallel_size")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+            _fail("kv_cache_dtype", self.kv_cache_dtype,
+                  f"'auto' or one of {sorted(_DTYPES)} (no fp8 KV cache: the cache holds the "
+                  "model's dtype)")
         if self.load_format not in _LOAD_FORMATS:
             _fail("load_format", self.load_format, f"one of {_LOAD_FORMATS}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -275,6 +287,11 @@ class EngineArgs:
         desc = describe_model(architecture, hf_config)
         device = self._resolve_device()
         dtype = self._resolve_dtype(hf_config, device)
+        if self.kv_cache_dtype != "auto" and _DTYPES[self.kv_cache_dtype] != dtype:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} differs from the model's dtype {dtype}: "
+                "kvflow keeps the KV cache in the model's dtype. Use kv_cache_dtype='auto' (or "
+                "set dtype to match).")
 
         derived_len = desc.max_position_embeddings
         if self.max_model_len is not None:

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from kvflow import EngineArgs, SamplingParams
 from tiny_models import LLM32 as LLM
@@ -108,6 +109,21 @@ def test_unknown_engine_option_and_bad_values(checkpoint):
         EngineArgs(model=path, tensor_parallel_size=3).create_engine_config()
     with pytest.raises(ValueError, match="fewer than max_model_len"):
         LLM(path, max_model_len=256, num_gpu_blocks_override=4)
+
+
+def test_vllm_kv_cache_dtype_and_pipeline_parallel_options(checkpoint):
+    """vLLM scripts pass these; what kvflow can honour works, the rest says why not."""
+    path = checkpoint("llama")
+    config = EngineArgs(model=path, dtype="float32", kv_cache_dtype="auto",
+                        pipeline_parallel_size=1).create_engine_config()
+    assert config.model_config.dtype == torch.float32
+    EngineArgs(model=path, dtype="float32", kv_cache_dtype="float32").create_engine_config()
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8'.*no fp8 KV cache"):
+        EngineArgs(model=path, kv_cache_dtype="fp8").create_engine_config()
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='float16' differs.*float32"):
+        EngineArgs(model=path, dtype="float32", kv_cache_dtype="float16").create_engine_config()
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2.*tensor_parallel_size"):
+        LLM(path, pipeline_parallel_size=2)
 
 
 def test_missing_folder_and_unknown_architecture(tmp_path, checkpoint):

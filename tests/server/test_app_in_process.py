@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import httpx
 import pytest
@@ -87,3 +88,28 @@ def test_chat_template_override(tiny_model, tmp_path, in_process):
         assert models[0]["id"] == tiny_model  # no --served-model-name: the model argument
 
     _run(llm, ServerArgs(chat_template=str(path)), scenario)
+
+
+@pytest.mark.parametrize("log_requests", [True, False])
+def test_response_role_and_request_log_switch(tiny_model, caplog, log_requests):
+    """--response-role names the reply after a generation prompt (else the reply continues
+    the last message's role, as vLLM's); --disable-log-requests drops the per-request line."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128))
+    messages = [{"role": "user", "content": "Hello"}]
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        body = {"messages": messages, "max_tokens": 3, "temperature": 0}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.json()["choices"][0]["message"]["role"] == "bot"
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        first = json.loads(r.text.split("data: ")[1])
+        assert first["choices"][0]["delta"]["role"] == "bot"
+        r = await client.post("/v1/chat/completions",
+                              json={**body, "add_generation_prompt": False})
+        assert r.json()["choices"][0]["message"]["role"] == "user"
+
+    with caplog.at_level(logging.INFO, logger="kvflow.entrypoints.openai"):
+        _run(llm, ServerArgs(response_role="bot", disable_log_requests=not log_requests),
+             scenario)
+    finished = [r for r in caplog.records if " finished (" in r.getMessage()]
+    assert len(finished) == (3 if log_requests else 0)

@@ -201,3 +201,30 @@ def test_remote_chat_client(server, offline, capsys, monkeypatch):
                            stdin="\n".join(QUESTIONS) + "\n")
     assert code == 0, err
     assert out == "".join(reply + "\n" for reply in _expected_chat(offline, 6))
+
+
+def test_more_vllm_serve_flags_parse_and_reach_their_settings(tmp_path):
+    """Flags vLLM scripts commonly pass: each lands where it acts (or is refused clearly)."""
+    from kvflow.entrypoints.openai.server import check_ssl_files, uvicorn_config
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("k")
+    cert.write_text("c")
+    ns = cli.build_parser().parse_args([
+        "serve", "m", "--disable-log-requests", "--max-log-len", "100", "--kv-cache-dtype",
+        "auto", "--pipeline-parallel-size", "1", "--root-path", "/llm", "--ssl-keyfile",
+        str(key), "--ssl-certfile", str(cert), "--response-role", "bot"])
+    engine = cli.engine_args_from(ns, "m")
+    assert (engine.kv_cache_dtype, engine.pipeline_parallel_size) == ("auto", 1)
+    server = ServerArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerArgs)
+                           if hasattr(ns, f.name)})
+    assert server.disable_log_requests and server.max_log_len == 100
+    assert server.response_role == "bot"
+    check_ssl_files(server)
+    config = uvicorn_config(object(), server)
+    assert (config.root_path, config.ssl_keyfile, config.ssl_certfile) == (
+        "/llm", str(key), str(cert))
+    with pytest.raises(ValueError, match="go together"):
+        check_ssl_files(ServerArgs(ssl_keyfile=str(key)))
+    with pytest.raises(ValueError, match=r"--ssl-certfile '/nope.pem' is not a file"):
+        check_ssl_files(ServerArgs(ssl_keyfile=str(key), ssl_certfile="/nope.pem"))

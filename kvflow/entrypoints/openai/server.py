@@ -99,6 +99,20 @@ class ServerArgs:
     """Bodies over this many bytes get a 413 before they are parsed."""
     timeout_keep_alive: int = 5
     """Seconds an idle keep-alive connection stays open."""
+    root_path: Optional[str] = None
+    """Path prefix the app is served under behind a proxy (uvicorn's ``root_path``)."""
+    ssl_keyfile: Optional[str] = None
+    """Serve HTTPS with this private key (with ``--ssl-certfile``)."""
+    ssl_certfile: Optional[str] = None
+    """Serve HTTPS with this certificate chain (with ``--ssl-keyfile``)."""
+    ssl_ca_certs: Optional[str] = None
+    """CA certificates to verify clients' certificates against."""
+    response_role: str = "assistant"
+    """Role of the chat reply when the request asks for a generation prompt."""
+    disable_log_requests: bool = False
+    """No log line per finished request (the metrics still count it)."""
+    max_log_len: Optional[int] = None
+    """Accepted for vLLM scripts: kvflow's request lines carry no prompt text to cut."""
     disable_frontend_multiprocessing: bool = False
     """Run the engine in the server's own process (a worker thread) instead of the engine
     core process; the event loop and the engine then share one GIL."""
@@ -131,13 +145,14 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
     metrics = ServerMetrics(async_llm, names[0])
     chat_template = load_chat_template(args.chat_template)
 
-    def serving(cls: type[T]) -> T:
+    def serving(cls: type[T], **extra: Any) -> T:
         return cls(async_llm, served_model_names=names, metrics=metrics,
                    chat_template=chat_template,
-                   trust_request_chat_template=args.trust_request_chat_template)
+                   trust_request_chat_template=args.trust_request_chat_template,
+                   log_requests=not args.disable_log_requests, **extra)
 
     completions = serving(OpenAIServingCompletion)
-    chats = serving(OpenAIServingChat)
+    chats = serving(OpenAIServingChat, response_role=args.response_role)
     tokenization = serving(OpenAIServingTokenization)
     state = _EngineState(async_llm)
 
@@ -267,14 +282,31 @@ class _UvicornServer(uvicorn.Server):
         loop.call_soon_threadsafe(start)
 
 
+def check_ssl_files(args: ServerArgs) -> None:
+    """A ValueError naming the flag if a TLS file is missing or only one of key/cert is
+    given: ``kvflow serve`` checks before loading the model, not at the socket."""
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together: give both for HTTPS.")
+    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),
+                       ("--ssl-ca-certs", args.ssl_ca_certs)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path!r} is not a file.")
+
+
+def uvicorn_config(app: FastAPI, args: ServerArgs) -> uvicorn.Config:
+    """uvicorn's settings from the server flags (address, logs, keep-alive, proxy path, TLS)."""
+    return uvicorn.Config(app, host=args.host or "", port=args.port,
+                          log_level=args.uvicorn_log_level,
+                          access_log=not args.disable_uvicorn_access_log,
+                          timeout_keep_alive=args.timeout_keep_alive,
+                          root_path=args.root_path or "", ssl_keyfile=args.ssl_keyfile,
+                          ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs)
+
+
 def run_server(async_llm: Any, args: ServerArgs) -> None:
     """Serves until SIGTERM/SIGINT; returns normally (exit status 0) after a clean shutdown."""
     app = build_app(async_llm, args)
-    config = uvicorn.Config(app, host=args.host or "", port=args.port,
-                            log_level=args.uvicorn_log_level,
-                            access_log=not args.disable_uvicorn_access_log,
-                            timeout_keep_alive=args.timeout_keep_alive)
-    server = _UvicornServer(config, app.state.engine_state)
+    server = _UvicornServer(uvicorn_config(app, args), app.state.engine_state)
     # uvicorn re-raises the exit signal after its shutdown so the default action
     # (death by signal, status 143) follows; a no-op handler makes the shutdown
     # it just did the end of the process instead, with status 0.

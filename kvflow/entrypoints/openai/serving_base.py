@@ -108,8 +108,9 @@ class OpenAIServing:
 
     def __init__(self, async_llm: Any, *, served_model_names: list[str], metrics: ServerMetrics,
                  chat_template: Optional[str] = None,
-                 trust_request_chat_template: bool = False) -> None:
+                 trust_request_chat_template: bool = False, log_requests: bool = True) -> None:
         self.async_llm = async_llm
+        self.log_requests = log_requests
         self.served_model_names = list(served_model_names)
         self.metrics = metrics
         self.chat_template = chat_template
@@ -340,9 +341,10 @@ class OpenAIServing:
         ttft = "-"
         if metrics is not None and metrics.first_token_time is not None:
             ttft = f"{metrics.first_token_time - metrics.arrival_time:.3f}s"
-        logger.info("request %s %s: prompt_tokens=%d output_tokens=%d latency=%.3fs ttft=%s",
-                    request_id, outcome, state.num_prompt_tokens, state.num_output_tokens,
-                    end - start, ttft)
+        if self.log_requests:
+            logger.info("request %s %s: prompt_tokens=%d output_tokens=%d latency=%.3fs ttft=%s",
+                        request_id, outcome, state.num_prompt_tokens, state.num_output_tokens,
+                        end - start, ttft)
 
     # ------------------------------------------------------------------ logprobs
     @staticmethod

@@ -72,6 +72,12 @@ def message_to_dict(message: ChatMessage, index: int) -> dict[str, Any]:
 
 
 class OpenAIServingChat(OpenAIServing):
+    """/v1/chat/completions: messages through the chat template, then as completions."""
+
+    def __init__(self, *args: Any, response_role: str = "assistant", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_role = response_role
+        """Role of the reply to a request that asks for a generation prompt (--response-role)."""
 
     def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool,
                continue_final_message: bool, chat_template: Optional[str],
@@ -147,14 +153,17 @@ class OpenAIServingChat(OpenAIServing):
         except ClientDisconnected:
             return Response(status_code=499)
 
-    @staticmethod
-    def _echo_text(request: ChatCompletionRequest) -> str:
+    def _reply_role(self, request: ChatCompletionRequest) -> str:
+        """The reply's role: ``--response-role`` after a generation prompt, else the last
+        message's (the reply continues it)."""
+        return self.response_role if request.add_generation_prompt else request.messages[-1].role
+
+    def _echo_text(self, request: ChatCompletionRequest) -> str:
         """With echo, the reply starts with the last message if it has the reply's role."""
         if not request.echo:
             return ""
         last = request.messages[-1]
-        role = "assistant" if request.add_generation_prompt else last.role
-        if last.role != role:
+        if last.role != self._reply_role(request):
             return ""
         return str(message_to_dict(last, len(request.messages) - 1)["content"])
 
@@ -199,7 +208,8 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
                                               request.top_logprobs or 0, as_ids)
             choices.append(ChatCompletionResponseChoice(
-                index=comp.index, message=ChatResponseMessage(content=echo + comp.text),
+                index=comp.index,
+                message=ChatResponseMessage(role=self._reply_role(request), content=echo + comp.text),
                 logprobs=logprobs, finish_reason=comp.finish_reason,
                 stop_reason=comp.stop_reason,
                 token_ids=list(comp.token_ids) if request.return_token_ids else None))
@@ -270,9 +280,11 @@ class OpenAIServingChat(OpenAIServing):
                     comp.stop_reason, list(comp.token_ids) if request.return_token_ids else None)))
             return events
 
+        role = self._reply_role(request)
+
         def opening() -> Iterator[str]:
             for i in range(request.n):
-                yield event(chat_opening_choice(i, {"role": "assistant", "content": ""}))
+                yield event(chat_opening_choice(i, {"role": role, "content": ""}))
                 if echo:
                     yield event(chat_opening_choice(i, {"content": echo}))
 
