@@ -113,3 +113,25 @@ def test_response_role_and_request_log_switch(tiny_model, caplog, log_requests):
              scenario)
     finished = [r for r in caplog.records if " finished (" in r.getMessage()]
     assert len(finished) == (3 if log_requests else 0)
+
+
+def test_server_default_for_tokens_as_ids(tiny_model):
+    """--return-tokens-as-token-ids: logprob tokens read "token_id:N" unless a request
+    says otherwise."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "logprobs": 1}
+        r = await client.post("/v1/completions", json=body)
+        lp = r.json()["choices"][0]["logprobs"]
+        assert all(t.startswith("token_id:") for t in lp["tokens"]) and len(lp["tokens"]) == 3
+        r = await client.post("/v1/completions",
+                              json={**body, "return_tokens_as_token_ids": False})
+        assert not any(t.startswith("token_id:") for t in r.json()["choices"][0]["logprobs"]["tokens"])
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0,
+            "logprobs": True})
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert all(c["token"].startswith("token_id:") for c in content)
+
+    _run(llm, ServerArgs(return_tokens_as_token_ids=True), scenario)

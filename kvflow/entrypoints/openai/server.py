@@ -109,6 +109,8 @@ class ServerArgs:
     """CA certificates to verify clients' certificates against."""
     response_role: str = "assistant"
     """Role of the chat reply when the request asks for a generation prompt."""
+    return_tokens_as_token_ids: bool = False
+    """Default of the request field: logprob tokens as "token_id:N" instead of text."""
     disable_log_requests: bool = False
     """No log line per finished request (the metrics still count it)."""
     max_log_len: Optional[int] = None
@@ -149,7 +151,8 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
         return cls(async_llm, served_model_names=names, metrics=metrics,
                    chat_template=chat_template,
                    trust_request_chat_template=args.trust_request_chat_template,
-                   log_requests=not args.disable_log_requests, **extra)
+                   log_requests=not args.disable_log_requests,
+                   return_tokens_as_token_ids=args.return_tokens_as_token_ids, **extra)
 
     completions = serving(OpenAIServingCompletion)
     chats = serving(OpenAIServingChat, response_role=args.response_role)

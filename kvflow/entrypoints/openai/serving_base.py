@@ -108,9 +108,12 @@ class OpenAIServing:
 
     def __init__(self, async_llm: Any, *, served_model_names: list[str], metrics: ServerMetrics,
                  chat_template: Optional[str] = None,
-                 trust_request_chat_template: bool = False, log_requests: bool = True) -> None:
+                 trust_request_chat_template: bool = False, log_requests: bool = True,
+                 return_tokens_as_token_ids: bool = False) -> None:
         self.async_llm = async_llm
         self.log_requests = log_requests
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        """Server default of the request field of that name (--return-tokens-as-token-ids)."""
         self.served_model_names = list(served_model_names)
         self.metrics = metrics
         self.chat_template = chat_template
@@ -313,6 +316,12 @@ class OpenAIServing:
                     state.finished = True
                     self._spawn(self.async_llm.abort(prompt.request_id))
                     self._record_finished(prompt.request_id, state, None, arrival_time)
+
+    def tokens_as_ids(self, request: Any) -> bool:
+        """Whether logprob tokens are written "token_id:N": the request's choice, else the
+        server's default."""
+        value = request.return_tokens_as_token_ids
+        return self.return_tokens_as_token_ids if value is None else bool(value)
 
     def _spawn(self, coro: Any) -> None:
         """Runs ``coro`` as a task the event loop keeps a reference to until it ends."""

@@ -200,7 +200,7 @@ class OpenAIServingChat(OpenAIServing):
         assert final is not None and final.finished
         choices = []
         num_generated = 0
-        as_ids = bool(request.return_tokens_as_token_ids)
+        as_ids = self.tokens_as_ids(request)
         for comp in sorted(final.outputs, key=lambda c: c.index):
             num_generated += len(comp.token_ids)
             logprobs = None
@@ -247,7 +247,7 @@ class OpenAIServingChat(OpenAIServing):
         continuous = bool(include_usage and opts and opts.continuous_usage_stats)
         num_prompt = len(prompt.token_ids)
         num_generated = 0
-        as_ids = bool(request.return_tokens_as_token_ids)
+        as_ids = self.tokens_as_ids(request)
         writer = ChunkWriter(request_id, "chat.completion.chunk", created, model)
 
         def event(choice: dict[str, Any]) -> str:

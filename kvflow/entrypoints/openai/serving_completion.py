@@ -141,7 +141,7 @@ class OpenAIServingCompletion(OpenAIServing):
             entries += prompt_lps[:len(prompt.token_ids)]
         token_ids += comp.token_ids
         entries += list(comp.logprobs or [])
-        return self.completion_logprobs(token_ids, entries, bool(request.return_tokens_as_token_ids),
+        return self.completion_logprobs(token_ids, entries, self.tokens_as_ids(request),
                                         offset)
 
     def completion_logprobs(self, token_ids: list[int],
@@ -200,7 +200,7 @@ class OpenAIServingCompletion(OpenAIServing):
         offsets: dict[int, int] = {}
         # DELTA outputs carry prompt logprobs in slices, as prefill chunks compute them.
         prompt_lps: dict[int, list[Any]] = {}
-        as_ids = bool(request.return_tokens_as_token_ids)
+        as_ids = self.tokens_as_ids(request)
         writer = ChunkWriter(request_id, "text_completion", created, model)
 
         def chunks(index: int, out: RequestOutput) -> list[str]:
