@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from kvflow import envs
+from kvflow.generation_defaults import read_generation_defaults
 
 _DTYPES = {
     "float32": torch.float32,
@@ -60,6 +61,13 @@ class ModelConfig:
     revision: Optional[str] = None
     served_model_name: Optional[str] = None
     max_logprobs: int = 20
+    generation_defaults: tuple[tuple[str, Any], ...] = ()
+    """(SamplingParams field, default) pairs from generation_config.json (see
+    ``kvflow.generation_defaults``): what a request that leaves them unset samples with."""
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        return dict(self.generation_defaults)
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,10 @@ class EngineArgs:
     cpu_kv_cache_space: Optional[float] = None
     async_scheduling: Optional[bool] = None
     """None: on for the in-process worker (tensor_parallel_size 1), off otherwise."""
+    generation_config: str = "auto"
+    """Sampling defaults of requests that leave them unset: "auto" (the model's
+    generation_config.json, as vLLM), "vllm" (none: temperature 1, top_p 1, ...), or a
+    folder holding a generation_config.json."""
     kv_cache_dtype: str = "auto"
     """Element type of the KV cache: "auto" (the model's dtype) or that dtype's name;
     kvflow has no fp8 cache."""
@@ -325,6 +337,8 @@ class EngineArgs:
             revision=self.revision,
             served_model_name=self.served_model_name or self.model,
             max_logprobs=self.max_logprobs,
+            generation_defaults=tuple(sorted(read_generation_defaults(
+                source.model_dir, self.generation_config).items())),
         )
         cpu_space = self.cpu_kv_cache_space
         if cpu_space is None:

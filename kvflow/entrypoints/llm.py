@@ -33,7 +33,9 @@ class LLM:
         return self.llm_engine.get_tokenizer()
 
     def get_default_sampling_params(self) -> SamplingParams:
-        return SamplingParams()
+        """vLLM's defaults, overridden by the model's generation_config.json sampling settings
+        (``generation_config="auto"``, the default; see ``kvflow.generation_defaults``)."""
+        return SamplingParams(**self.llm_engine.config.model_config.sampling_defaults)
 
     # ------------------------------------------------------------------ generate
     def generate(
@@ -47,7 +49,7 @@ class LLM:
         """Runs every prompt to completion; returns outputs in input order."""
         items = self._normalize_prompts(prompts, prompt_token_ids)
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(items)
+            params_list = [self.get_default_sampling_params()] * len(items)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(items)
         else:

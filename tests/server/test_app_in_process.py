@@ -135,3 +135,37 @@ def test_server_default_for_tokens_as_ids(tiny_model):
         assert all(c["token"].startswith("token_id:") for c in content)
 
     _run(llm, ServerArgs(return_tokens_as_token_ids=True), scenario)
+
+
+def test_requests_take_the_models_sampling_defaults(tiny_model, tmp_path):
+    """--generation-config auto (the default): a request that leaves temperature unset samples
+    with the model's (here 0: greedy); a request's own value wins; 'vllm' ignores the file."""
+    import shutil
+
+    from kvflow import LLM, SamplingParams
+
+    path = str(tmp_path / "m")
+    shutil.copytree(tiny_model, path)
+    gen_path = tmp_path / "m" / "generation_config.json"
+    config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    gen_path.write_text(json.dumps({**config, "temperature": 0.0}))
+    offline = LLM(path, max_model_len=128, generation_config="vllm")
+    greedy = offline.generate("Hello", SamplingParams(temperature=0, max_tokens=6),
+                              use_tqdm=False)[0].outputs[0].text
+    seeded = offline.generate("Hello", SamplingParams(seed=3, max_tokens=6),
+                              use_tqdm=False)[0].outputs[0].text
+    del offline
+    assert greedy != seeded  # else the test could not tell the defaults apart
+    body = {"prompt": "Hello", "max_tokens": 6, "seed": 3}
+
+    for source, expected in (("auto", greedy), ("vllm", seeded)):
+        llm = AsyncLLM.from_engine_args(EngineArgs(model=path, max_model_len=128,
+                                                   generation_config=source))
+
+        async def scenario(client: httpx.AsyncClient, expected=expected) -> None:
+            r = await client.post("/v1/completions", json=body)
+            assert r.json()["choices"][0]["text"] == expected
+            r = await client.post("/v1/completions", json={**body, "temperature": 1.0})
+            assert r.json()["choices"][0]["text"] == seeded  # the request's own value wins
+
+        _run(llm, ServerArgs(), scenario)

@@ -213,9 +213,11 @@ def test_more_vllm_serve_flags_parse_and_reach_their_settings(tmp_path):
     ns = cli.build_parser().parse_args([
         "serve", "m", "--disable-log-requests", "--max-log-len", "100", "--kv-cache-dtype",
         "auto", "--pipeline-parallel-size", "1", "--root-path", "/llm", "--ssl-keyfile",
-        str(key), "--ssl-certfile", str(cert), "--response-role", "bot"])
+        str(key), "--ssl-certfile", str(cert), "--response-role", "bot",
+        "--generation-config", "vllm"])
     engine = cli.engine_args_from(ns, "m")
     assert (engine.kv_cache_dtype, engine.pipeline_parallel_size) == ("auto", 1)
+    assert engine.generation_config == "vllm"
     server = ServerArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerArgs)
                            if hasattr(ns, f.name)})
     assert server.disable_log_requests and server.max_log_len == 100

@@ -50,7 +50,8 @@ class _Tokenizer:
 
 def _serving(cls: type) -> Any:
     engine = SimpleNamespace(get_tokenizer=_Tokenizer,
-                             model_config=SimpleNamespace(max_model_len=512, vocab_size=1000))
+                             model_config=SimpleNamespace(max_model_len=512, vocab_size=1000,
+                                                          sampling_defaults={}))
     return cls(engine, served_model_names=["m"], metrics=None)
 
 

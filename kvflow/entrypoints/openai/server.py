@@ -154,6 +154,11 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
                    log_requests=not args.disable_log_requests,
                    return_tokens_as_token_ids=args.return_tokens_as_token_ids, **extra)
 
+    defaults = model_config.sampling_defaults
+    if defaults:
+        logger.info("sampling defaults from the model's generation_config.json: %s (a request "
+                    "field overrides its default; --generation-config vllm ignores them)",
+                    defaults)
     completions = serving(OpenAIServingCompletion)
     chats = serving(OpenAIServingChat, response_role=args.response_role)
     tokenization = serving(OpenAIServingTokenization)

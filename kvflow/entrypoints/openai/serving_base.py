@@ -121,6 +121,10 @@ class OpenAIServing:
         self.tokenizer = async_llm.get_tokenizer()
         self._background: set[asyncio.Future] = set()
         model_config = async_llm.model_config
+        self.sampling_defaults: dict[str, Any] = {
+            k: v for k, v in model_config.sampling_defaults.items() if k != "max_tokens"}
+        """The model's generation_config.json sampling settings (``--generation-config``),
+        used where a request leaves a field unset; max_tokens stays each route's own."""
         self.max_model_len: int = model_config.max_model_len
         self.vocab_size: int = model_config.vocab_size
 
@@ -210,17 +214,18 @@ class OpenAIServing:
                                    f"token {key}.", 400, "logit_bias")
                 logit_bias[token] = value
             self.check_token_ids(list(logit_bias), "logit_bias")
+        d = self._default
         try:
             return SamplingParams(
                 n=request.n,
                 best_of=request.best_of,
                 presence_penalty=_or(request.presence_penalty, 0.0),
                 frequency_penalty=_or(request.frequency_penalty, 0.0),
-                repetition_penalty=_or(request.repetition_penalty, 1.0),
-                temperature=_or(request.temperature, 1.0),
-                top_p=_or(request.top_p, 1.0),
-                top_k=_or(request.top_k, 0),
-                min_p=_or(request.min_p, 0.0),
+                repetition_penalty=_or(request.repetition_penalty, d("repetition_penalty", 1.0)),
+                temperature=_or(request.temperature, d("temperature", 1.0)),
+                top_p=_or(request.top_p, d("top_p", 1.0)),
+                top_k=_or(request.top_k, d("top_k", 0)),
+                min_p=_or(request.min_p, d("min_p", 0.0)),
                 seed=request.seed,
                 stop=request.stop,
                 stop_token_ids=request.stop_token_ids,
@@ -237,6 +242,10 @@ class OpenAIServing:
             )
         except ValueError as exc:
             raise from_value_error(exc, field_names) from None
+
+    def _default(self, name: str, fallback: Any) -> Any:
+        """The model's default for a sampling field, else vLLM's."""
+        return self.sampling_defaults.get(name, fallback)
 
     @staticmethod
     def new_request_id(prefix: str) -> str:
