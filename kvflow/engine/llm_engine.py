@@ -246,6 +246,10 @@ class LLMEngine:
             self.scheduler.finish_requests(to_abort, RequestStatus.FINISHED_STOPPED)
         return outputs
 
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached block hash; False (nothing changed) while blocks are in use."""
+        return self.scheduler.kv_cache_manager.pool.reset_prefix_cache()
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 

@@ -32,6 +32,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.get_tokenizer()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prompt block (benchmarks: each run computes its prompts);
+        False, changing nothing, while a request holds blocks."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's defaults, overridden by the model's generation_config.json sampling settings
         (``generation_config="auto"``, the default; see ``kvflow.generation_defaults``)."""
@@ -125,14 +130,21 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to one conversation or a list, then generates."""
+        """Applies the tokenizer's chat template to one conversation or a list, then generates.
+
+        ``tools`` (JSON schemas of functions) reach the template as its ``tools`` variable,
+        as in transformers and vLLM; parsing tool calls out of the reply is the caller's.
+        """
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = tools
         prompts = [{"prompt_token_ids": apply_chat_template(
                         self.get_tokenizer(), conv, chat_template=chat_template,
                         add_generation_prompt=add_generation_prompt,
-                        continue_final_message=continue_final_message,
-                        **(chat_template_kwargs or {}))}
+                        continue_final_message=continue_final_message, **extra)}
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
