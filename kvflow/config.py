@@ -18,6 +18,7 @@ import torch
 
 from kvflow import envs
 from kvflow.generation_defaults import read_generation_defaults
+from kvflow.vllm_compat import drop_inert_options
 
 _DTYPES = {
     "float32": torch.float32,
@@ -194,7 +195,11 @@ class EngineArgs:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
-        """Builds the args, rejecting unknown names with the list of known ones."""
+        """Builds the args, rejecting unknown names with the list of known ones.
+
+        vLLM options with nothing to do here are dropped at values that change nothing
+        and refused otherwise (``kvflow.vllm_compat``)."""
+        kwargs = drop_inert_options(kwargs)
         known = set(cls.field_names())
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -159,3 +159,24 @@ def test_dummy_load_format_needs_only_config(tmp_path, checkpoint):
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_inert_vllm_options_run_and_the_rest_say_why(checkpoint):
+    path = checkpoint("llama")
+    llm = LLM(path, max_model_len=128, task="generate", enable_lora=False,
+              max_seq_len_to_capture=8192, use_v2_block_manager=True, worker_use_ray=False,
+              scheduling_policy="fcfs", num_scheduler_steps=1, disable_sliding_window=False,
+              compilation_config=3, hf_overrides={}, guided_decoding_backend="xgrammar")
+    out = llm.generate({"prompt_token_ids": [1, 5, 6]}, SamplingParams(max_tokens=2),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+    with pytest.raises(ValueError, match=r"enable_lora=True is not supported.*LoRA"):
+        LLM(path, enable_lora=True)
+    with pytest.raises(ValueError, match=r"task='embed'.*text generation only"):
+        LLM(path, task="embed")
+    with pytest.raises(ValueError, match=r"worker_use_ray=True.*distributed_executor_backend"):
+        LLM(path, worker_use_ray=True)
+    with pytest.raises(ValueError, match=r"scheduling_policy='priority'"):
+        LLM(path, scheduling_policy="priority")
+    with pytest.raises(ValueError, match=r"Unknown engine option.*not_a_vllm_option"):
+        LLM(path, not_a_vllm_option=1)
