@@ -11,6 +11,7 @@ neither this table nor ``EngineArgs`` stay unknown (an error listing the known o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 Accepts = Callable[[Any], bool]
@@ -28,47 +29,65 @@ def _falsy(v: Any) -> bool:
     return not v
 
 
-INERT_OPTIONS: dict[str, tuple[Accepts, str]] = {
-    "task": (_one_of("auto", "generate"),
-             "kvflow serves text generation only (no embed/classify/score/reward tasks)"),
-    "max_seq_len_to_capture": (_any, ""),  # kvflow's CUDA graphs serve every length
-    "max_context_len_to_capture": (_any, ""),
-    "num_scheduler_steps": (_one_of(1), "multi-step scheduling is not implemented; "
-                            "async_scheduling overlaps the host with the GPU instead"),
-    "use_v2_block_manager": (_any, ""),  # deprecated in vLLM, no effect there either
-    "disable_async_output_proc": (_any, ""),  # kvflow's overlap knob is async_scheduling
-    "worker_use_ray": (_falsy, "use distributed_executor_backend='ray'"),
-    "scheduling_policy": (_one_of("fcfs"), "requests are scheduled first come, first served"),
-    "max_num_partial_prefills": (_one_of(1), "use long_prefill_token_threshold to spread "
-                                 "long prompts over steps"),
-    "max_long_partial_prefills": (_one_of(1), "use long_prefill_token_threshold"),
-    "enable_lora": (_falsy, "LoRA adapters are not supported"),
-    "enable_prompt_adapter": (_falsy, "prompt adapters are not supported"),
-    "enable_sleep_mode": (_falsy, "sleep mode is not supported"),
-    "disable_sliding_window": (_falsy, "the sliding window is part of the model (Mistral)"),
-    "guided_decoding_backend": (_any, ""),  # structured requests are refused per request
-    "compilation_config": (_any, ""),  # kvflow's speed comes from Triton + CUDA graphs
-    "hf_overrides": (_falsy, "config overrides are not supported; edit config.json"),
-    "rope_scaling": (_falsy, "set rope_scaling in config.json"),
-    "override_generation_config": (_falsy, "use generation_config=<folder> with the "
-                                   "settings in its generation_config.json"),
-    "mm_processor_kwargs": (_falsy, "kvflow serves text models"),
-    "limit_mm_per_prompt": (_falsy, "kvflow serves text models"),
-    "calculate_kv_scales": (_falsy, "there is no fp8 KV cache to scale"),
-    "code_revision": (_falsy, "kvflow never runs a checkpoint's code"),
-    "model_impl": (_one_of("auto", "vllm"), "kvflow has its own implementations only"),
-    "config_format": (_one_of("auto", "hf"), "config.json (HF format) is read"),
+@dataclass(frozen=True)
+class InertOption:
+    """A vLLM option kvflow has no machinery for."""
+
+    accepts: Accepts
+    """True for the values that leave kvflow's behaviour what the script expects."""
+    why: str
+    """Why other values are refused (what to do instead)."""
+    kind: str
+    """How ``kvflow serve`` parses it: "flag" (bool switch), "int", "str" or "json"."""
+
+
+def _opt(accepts: Accepts, kind: str, why: str = "") -> InertOption:
+    return InertOption(accepts, why, kind)
+
+
+INERT_OPTIONS: dict[str, InertOption] = {
+    "task": _opt(_one_of("auto", "generate"), "str",
+                 "kvflow serves text generation only (no embed/classify/score/reward tasks)"),
+    "max_seq_len_to_capture": _opt(_any, "int"),  # kvflow's CUDA graphs serve every length
+    "max_context_len_to_capture": _opt(_any, "int"),
+    "num_scheduler_steps": _opt(_one_of(1), "int", "multi-step scheduling is not implemented; "
+                                "async_scheduling overlaps the host with the GPU instead"),
+    "use_v2_block_manager": _opt(_any, "flag"),  # deprecated in vLLM, no effect there either
+    "disable_async_output_proc": _opt(_any, "flag"),  # kvflow's knob is async_scheduling
+    "worker_use_ray": _opt(_falsy, "flag", "use distributed_executor_backend='ray'"),
+    "scheduling_policy": _opt(_one_of("fcfs"), "str",
+                              "requests are scheduled first come, first served"),
+    "max_num_partial_prefills": _opt(_one_of(1), "int", "use long_prefill_token_threshold "
+                                     "to spread long prompts over steps"),
+    "max_long_partial_prefills": _opt(_one_of(1), "int", "use long_prefill_token_threshold"),
+    "enable_lora": _opt(_falsy, "flag", "LoRA adapters are not supported"),
+    "enable_prompt_adapter": _opt(_falsy, "flag", "prompt adapters are not supported"),
+    "enable_sleep_mode": _opt(_falsy, "flag", "sleep mode is not supported"),
+    "disable_sliding_window": _opt(_falsy, "flag",
+                                   "the sliding window is part of the model (Mistral)"),
+    "guided_decoding_backend": _opt(_any, "str"),  # structured requests are refused one by one
+    "compilation_config": _opt(_any, "json"),  # kvflow's speed is Triton + CUDA graphs
+    "hf_overrides": _opt(_falsy, "json", "config overrides are not supported; edit config.json"),
+    "rope_scaling": _opt(_falsy, "json", "set rope_scaling in config.json"),
+    "override_generation_config": _opt(_falsy, "json", "use generation_config=<folder> with "
+                                       "the settings in its generation_config.json"),
+    "mm_processor_kwargs": _opt(_falsy, "json", "kvflow serves text models"),
+    "limit_mm_per_prompt": _opt(_falsy, "json", "kvflow serves text models"),
+    "calculate_kv_scales": _opt(_falsy, "flag", "there is no fp8 KV cache to scale"),
+    "code_revision": _opt(_falsy, "str", "kvflow never runs a checkpoint's code"),
+    "model_impl": _opt(_one_of("auto", "vllm"), "str", "kvflow has its own implementations only"),
+    "config_format": _opt(_one_of("auto", "hf"), "str", "config.json (HF format) is read"),
 }
-"""option -> (accepts(value), why other values are refused)."""
+"""option -> what kvflow accepts of it, why not otherwise, and its command-line kind."""
 
 
 def drop_inert_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` without the inert vLLM options; a ValueError for a value kvflow cannot honour."""
     kept = {}
     for name, value in kwargs.items():
-        rule = INERT_OPTIONS.get(name)
-        if rule is None:
+        option = INERT_OPTIONS.get(name)
+        if option is None:
             kept[name] = value
-        elif not rule[0](value):
-            raise ValueError(f"{name}={value!r} is not supported by kvflow: {rule[1]}.")
+        elif not option.accepts(value):
+            raise ValueError(f"{name}={value!r} is not supported by kvflow: {option.why}.")
     return kept

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 from kvflow import __version__
 from kvflow.config import EngineArgs
+from kvflow.vllm_compat import INERT_OPTIONS, drop_inert_options
 
 _MULTI_NAME_FIELDS = {"served_model_name"}
 """EngineArgs fields that the CLI takes as a list (vLLM accepts several served names)."""
@@ -98,7 +99,39 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *,
     return names
 
 
+_INERT_DEST = "inert_vllm_"
+"""Prefix of the namespace names the inert vLLM flags land under."""
+
+
+def add_inert_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags for machinery kvflow lacks (``kvflow.vllm_compat``): accepted at values
+    that change nothing, refused with the reason by ``engine_args_from`` otherwise."""
+    group = parser.add_argument_group(
+        "vLLM options kvflow has no use for (accepted where they change nothing)")
+    for name, option in INERT_OPTIONS.items():
+        kwargs: dict[str, Any] = {"dest": _INERT_DEST + name, "default": None,
+                                  "help": option.why or "no effect in kvflow"}
+        if option.kind == "flag":
+            kwargs.update(action="store_const", const=True)
+        elif option.kind == "json":
+            kwargs.update(type=_json_value, metavar="JSON")
+        else:
+            kwargs.update(type=int if option.kind == "int" else str,
+                          metavar=option.kind.upper())
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _json_value(text: str) -> Any:
+    """A JSON flag value (vLLM's dict-valued flags); a bare word stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
+    drop_inert_options({name: getattr(ns, _INERT_DEST + name) for name in INERT_OPTIONS
+                        if getattr(ns, _INERT_DEST + name, None) is not None})
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)
               if hasattr(ns, f.name)}
     names = values.get("served_model_name")
@@ -247,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Model folder, .gguf file or hub id (default: the built-in model).")
     add_dataclass_flags(serve, ServerArgs, title="server")
     add_dataclass_flags(serve, EngineArgs, title="engine")
+    add_inert_vllm_flags(serve)
     serve.set_defaults(func=_serve, disable_log_stats=False)  # the server logs its load
 
     gen = sub.add_parser("generate", formatter_class=fmt,
@@ -260,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Send each prompt as a user turn through the model's chat template: "
                           "auto = when the tokenizer has one; off = raw completion.")
     add_dataclass_flags(gen, EngineArgs, title="engine")
+    add_inert_vllm_flags(gen)
     gen.set_defaults(func=_generate)
 
     chat = sub.add_parser("chat", formatter_class=fmt,
@@ -272,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat, max_tokens=512)
     _add_client_flags(chat)
     add_dataclass_flags(chat, EngineArgs, title="engine (offline only)")
+    add_inert_vllm_flags(chat)
     chat.set_defaults(func=_chat)
 
     comp = sub.add_parser("complete", formatter_class=fmt,

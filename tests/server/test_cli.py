@@ -230,3 +230,19 @@ def test_more_vllm_serve_flags_parse_and_reach_their_settings(tmp_path):
         check_ssl_files(ServerArgs(ssl_keyfile=str(key)))
     with pytest.raises(ValueError, match=r"--ssl-certfile '/nope.pem' is not a file"):
         check_ssl_files(ServerArgs(ssl_keyfile=str(key), ssl_certfile="/nope.pem"))
+
+
+def test_inert_vllm_flags_run_and_refused_values_exit_with_the_reason(capsys):
+    ns = cli.build_parser().parse_args([
+        "serve", "m", "--task", "generate", "--max-seq-len-to-capture", "8192",
+        "--use-v2-block-manager", "--num-scheduler-steps", "1", "--scheduling-policy", "fcfs",
+        "--compilation-config", '{"level": 3}', "--guided-decoding-backend", "xgrammar"])
+    assert cli.engine_args_from(ns, "m") == EngineArgs(model="m", disable_log_stats=False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "m", "--enable-lora"])
+    assert exc.value.code == 2
+    assert "enable_lora=True is not supported by kvflow: LoRA adapters" in capsys.readouterr().err
+    ns = cli.build_parser().parse_args(["generate", "--model", "m", "--hf-overrides", '{"a": 1}',
+                                        "hi"])
+    with pytest.raises(ValueError, match=r"hf_overrides=\{'a': 1\}.*config.json"):
+        cli.engine_args_from(ns, "m")
