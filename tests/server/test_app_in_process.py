@@ -169,3 +169,24 @@ def test_requests_take_the_models_sampling_defaults(tiny_model, tmp_path):
             assert r.json()["choices"][0]["text"] == seeded  # the request's own value wins
 
         _run(llm, ServerArgs(), scenario)
+
+
+@pytest.mark.parametrize("field,value", [("guided_json", {"type": "object"}),
+                                         ("guided_choice", ["yes", "no"]),
+                                         ("guided_regex", "[0-9]+")])
+def test_guided_decoding_fields_are_refused_not_ignored(tiny_model, field, value):
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        for route, body in (("/v1/completions", {"prompt": "Hi"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                    "content": "Hi"}]})):
+            r = await client.post(route, json={**body, "max_tokens": 2, field: value})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == field
+            assert "guided decoding" in r.json()["error"]["message"]
+        r = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2,
+                                                        field: None})
+        assert r.status_code == 200  # null is absent
+
+    _run(llm, ServerArgs(), scenario)

@@ -40,6 +40,10 @@ from kvflow.sampling_params import SamplingParams
 
 logger = logging.getLogger("kvflow.entrypoints.openai")
 
+GUIDED_DECODING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                          "guided_whitespace_pattern", "structured_outputs")
+"""vLLM's extra body fields for constrained output: refused, never silently ignored."""
+
 T = TypeVar("T")
 
 MIN_LOGPROB = -9999.0
@@ -190,6 +194,12 @@ class OpenAIServing:
         if fmt is not None and fmt.type != "text":
             raise APIError(f"response_format type {fmt.type!r} (structured output) is not "
                            "supported by kvflow yet; use 'text'.", 400, "response_format")
+        extra = request.model_extra or {}
+        for name in GUIDED_DECODING_FIELDS:
+            if extra.get(name) is not None:
+                raise APIError(f"{name} (vLLM's guided decoding) is not supported by kvflow yet: "
+                               "the reply would not be constrained. Drop it and check the text "
+                               "yourself.", 400, name)
         if request.stop_token_ids:
             self.check_token_ids(request.stop_token_ids, "stop_token_ids")
         if request.prompt_logprobs is not None and request.stream:
