@@ -224,6 +224,9 @@ class LLMEngine:
         """
         scheduled_at = time.perf_counter()
         sched = self.scheduler.schedule()
+        if sched.scheduled_new_reqs:  # queue time ends here (preempted ones come back: kept)
+            self.output_processor.mark_scheduled(
+                [r.req_id for r in sched.scheduled_new_reqs], time.monotonic())
         if sched.is_empty:
             if sched.finished_req_ids or sched.preempted_req_ids:
                 self.executor.execute_model(sched)  # let workers drop finished state

@@ -109,6 +109,14 @@ class OutputProcessor:
         return len(self.parents)
 
     # ------------------------------------------------------------------ steps
+    def mark_scheduled(self, core_ids: list[str], now: float) -> None:
+        """Stamps ``first_scheduled_time`` of the requests these core ids belong to (the
+        end of their queue time), once."""
+        for cid in core_ids:
+            entry = self.child_to_parent.get(cid)
+            if entry is not None and entry[0].metrics.first_scheduled_time is None:
+                entry[0].metrics.first_scheduled_time = now
+
     def _to_logprob_dict(self, lp: TokenLogprobs) -> dict[int, Logprob]:
         def text(t: int) -> Optional[str]:
             return self.tokenizer.decode([t]) if self.tokenizer is not None else None

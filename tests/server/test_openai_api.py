@@ -368,6 +368,11 @@ def test_metrics_names(server, client):
     values = metrics_values(server.url)
     assert metric(values, "kvflow:generation_tokens_total") >= 3
     assert metric(values, "kvflow:time_to_first_token_seconds_count") >= 1
+    # vLLM's per-phase request histograms: queue, prefill, decode and mean time per token.
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_time_per_output_token_seconds"):
+        assert metric(values, f"kvflow:{name}_count") >= 1, name
+        assert metric(values, f"kvflow:{name}_sum") >= 0.0, name
 
 
 # ---------------------------------------------------------------------------- load

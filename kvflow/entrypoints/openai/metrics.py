@@ -89,6 +89,16 @@ class ServerMetrics:
                              "Time from arrival to the last output token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds",
                              "Time between two output tokens of a request.", _ITL_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Per request: (last token - first token) / (output tokens - 1).",
+                              _ITL_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds",
+                               "Time from arrival to first being scheduled.", _LATENCY_BUCKETS)
+        self.prefill = histogram("request_prefill_time_seconds",
+                                 "Time from first being scheduled to the first token.",
+                                 _LATENCY_BUCKETS)
+        self.decode = histogram("request_decode_time_seconds",
+                                "Time from the first token to the last.", _LATENCY_BUCKETS)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request.",
                                     _TOKEN_BUCKETS)
         self.output_len = histogram("request_generation_tokens", "Generated tokens per request.",
@@ -110,6 +120,15 @@ class ServerMetrics:
         end = metrics.finished_time or metrics.last_token_time
         if end is not None and finish_reason != "abort":
             self.e2e.observe(max(0.0, end - metrics.arrival_time))
+        first, last = metrics.first_token_time, metrics.last_token_time
+        if metrics.first_scheduled_time is not None:
+            self.queue.observe(max(0.0, metrics.first_scheduled_time - metrics.arrival_time))
+            if first is not None:
+                self.prefill.observe(max(0.0, first - metrics.first_scheduled_time))
+        if first is not None and last is not None and finish_reason != "abort":
+            self.decode.observe(max(0.0, last - first))
+            if num_output_tokens > 1:
+                self.tpot.observe(max(0.0, last - first) / (num_output_tokens - 1))
         # With n > 1 several samples stamp the same step; distinct times are the steps.
         prev: Optional[float] = None
         for t in metrics.token_times:
