@@ -175,6 +175,9 @@ class EngineArgs:
     """Sampling defaults of requests that leave them unset: "auto" (the model's
     generation_config.json, as vLLM), "vllm" (none: temperature 1, top_p 1, ...), or a
     folder holding a generation_config.json."""
+    override_generation_config: Optional[dict[str, Any]] = None
+    """Sampling defaults set on top of ``generation_config``'s, in generation_config.json
+    names (``{"temperature": 0.5}``), as vLLM's option of that name."""
     kv_cache_dtype: str = "auto"
     """Element type of the KV cache: "auto" (the model's dtype) or that dtype's name;
     kvflow has no fp8 cache."""
@@ -343,7 +346,8 @@ class EngineArgs:
             served_model_name=self.served_model_name or self.model,
             max_logprobs=self.max_logprobs,
             generation_defaults=tuple(sorted(read_generation_defaults(
-                source.model_dir, self.generation_config).items())),
+                source.model_dir, self.generation_config,
+                self.override_generation_config).items())),
         )
         cpu_space = self.cpu_kv_cache_space
         if cpu_space is None:

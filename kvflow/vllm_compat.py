@@ -69,8 +69,6 @@ INERT_OPTIONS: dict[str, InertOption] = {
     "compilation_config": _opt(_any, "json"),  # kvflow's speed is Triton + CUDA graphs
     "hf_overrides": _opt(_falsy, "json", "config overrides are not supported; edit config.json"),
     "rope_scaling": _opt(_falsy, "json", "set rope_scaling in config.json"),
-    "override_generation_config": _opt(_falsy, "json", "use generation_config=<folder> with "
-                                       "the settings in its generation_config.json"),
     "mm_processor_kwargs": _opt(_falsy, "json", "kvflow serves text models"),
     "limit_mm_per_prompt": _opt(_falsy, "json", "kvflow serves text models"),
     "calculate_kv_scales": _opt(_falsy, "flag", "there is no fp8 KV cache to scale"),

@@ -87,6 +87,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *,
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in _MULTI_NAME_FIELDS:
             kwargs.update(nargs="+", type=str, metavar="NAME")
+        elif base is dict or typing.get_origin(base) is dict:
+            kwargs.update(type=_json_object, metavar="JSON")
         elif typing.get_origin(base) is list:
             (item,) = typing.get_args(base) or (str,)
             kwargs.update(nargs="+", type=item, metavar=f.name.upper())
@@ -119,6 +121,17 @@ def add_inert_vllm_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(type=int if option.kind == "int" else str,
                           metavar=option.kind.upper())
         group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _json_object(text: str) -> dict:
+    """A JSON-object flag value (``--override-generation-config '{"temperature": 0.5}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def _json_value(text: str) -> Any:

@@ -60,3 +60,18 @@ def test_offline_defaults_follow_the_model_unless_vllm(checkpoint, tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == greedy  # the model's greedy default
     plain = LLM(path, max_model_len=128, generation_config="vllm").get_default_sampling_params()
     assert (plain.temperature, plain.max_tokens) == (1.0, SamplingParams().max_tokens)
+
+
+def test_override_generation_config_goes_on_top(checkpoint, tmp_path):
+    path = _with_generation_config(checkpoint("llama"), str(tmp_path / "m"), temperature=0.6,
+                                   top_p=0.9)
+    llm = LLM(path, max_model_len=128, override_generation_config={"temperature": 0.0,
+                                                                   "max_new_tokens": 3})
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.max_tokens) == (0.0, 0.9, 3)
+    plain = LLM(path, max_model_len=128, generation_config="vllm",
+                override_generation_config={"top_k": 5}).get_default_sampling_params()
+    assert (plain.temperature, plain.top_k) == (1.0, 5)
+    with pytest.raises(ValueError, match=r"override_generation_config: top_k='x' is not an integer"):
+        LLM(path, override_generation_config={"top_k": "x"})
+
