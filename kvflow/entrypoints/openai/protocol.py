@@ -242,6 +242,8 @@ class ChatCompletionLogProbs(ResponseModel):
 class ChatResponseMessage(ResponseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    """With ``--reasoning-parser``: the reply's thinking, out of ``content`` (reasoning.py)."""
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -268,6 +270,8 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    """With ``--reasoning-parser``: the thinking this chunk adds (reasoning.py)."""
 
 
 class ChatCompletionStreamChoice(ResponseModel):

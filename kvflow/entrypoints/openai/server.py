@@ -57,6 +57,7 @@ from kvflow.entrypoints.openai.serving_base import OpenAIServing
 from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvflow.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from kvflow.entrypoints.openai.reasoning import PARSERS
 from kvflow.entrypoints.openai.stats_logger import StatsLogger
 from kvflow.gc_freeze import freeze_startup_heap
 
@@ -107,6 +108,11 @@ class ServerArgs:
     """Serve HTTPS with this certificate chain (with ``--ssl-keyfile``)."""
     ssl_ca_certs: Optional[str] = None
     """CA certificates to verify clients' certificates against."""
+    reasoning_parser: Optional[str] = field(default=None, metadata={"choices": list(PARSERS)})
+    """Move a thinking model's <think>...</think> text to ``reasoning_content`` (qwen3,
+    deepseek_r1), in whole and streamed chat replies."""
+    enable_reasoning: bool = False
+    """Older vLLM's switch for the parser; accepted (``--reasoning-parser`` alone is enough)."""
     response_role: str = "assistant"
     """Role of the chat reply when the request asks for a generation prompt."""
     return_tokens_as_token_ids: bool = False
@@ -160,7 +166,8 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
                     "field overrides its default; --generation-config vllm ignores them)",
                     defaults)
     completions = serving(OpenAIServingCompletion)
-    chats = serving(OpenAIServingChat, response_role=args.response_role)
+    chats = serving(OpenAIServingChat, response_role=args.response_role,
+                    reasoning_parser=args.reasoning_parser)
     tokenization = serving(OpenAIServingTokenization)
     state = _EngineState(async_llm)
 

@@ -26,6 +26,7 @@ from kvflow.entrypoints.openai.protocol import (
     ChatResponseMessage,
     UsageInfo,
 )
+from kvflow.entrypoints.openai.reasoning import ReasoningSplitter, split_reasoning
 from kvflow.entrypoints.openai.serving_base import (
     ClientDisconnected,
     EnginePrompt,
@@ -74,10 +75,13 @@ def message_to_dict(message: ChatMessage, index: int) -> dict[str, Any]:
 class OpenAIServingChat(OpenAIServing):
     """/v1/chat/completions: messages through the chat template, then as completions."""
 
-    def __init__(self, *args: Any, response_role: str = "assistant", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, response_role: str = "assistant",
+                 reasoning_parser: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.response_role = response_role
         """Role of the reply to a request that asks for a generation prompt (--response-role)."""
+        self.reasoning_parser = reasoning_parser
+        """``--reasoning-parser``: thinking goes to ``reasoning_content`` (reasoning.py)."""
 
     def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool,
                continue_final_message: bool, chat_template: Optional[str],
@@ -207,9 +211,13 @@ class OpenAIServingChat(OpenAIServing):
             if request.logprobs:
                 logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
                                               request.top_logprobs or 0, as_ids)
+            reasoning, text = None, comp.text
+            if self.reasoning_parser is not None:
+                reasoning, text = split_reasoning(self.reasoning_parser, comp.text)
             choices.append(ChatCompletionResponseChoice(
                 index=comp.index,
-                message=ChatResponseMessage(role=self._reply_role(request), content=echo + comp.text),
+                message=ChatResponseMessage(role=self._reply_role(request), content=echo + text,
+                                            reasoning_content=reasoning),
                 logprobs=logprobs, finish_reason=comp.finish_reason,
                 stop_reason=comp.stop_reason,
                 token_ids=list(comp.token_ids) if request.return_token_ids else None))
@@ -255,6 +263,19 @@ class OpenAIServingChat(OpenAIServing):
                                 usage_dict(num_prompt, num_generated) if continuous else None)
 
         ended: set[int] = set()
+        splitters = ({i: ReasoningSplitter(self.reasoning_parser) for i in range(request.n)}
+                     if self.reasoning_parser is not None else None)
+
+        def delta_of(comp: Any) -> dict[str, Any]:
+            """{"content": text}, or with a reasoning parser its reasoning and/or content."""
+            if splitters is None:
+                return {"content": comp.text}
+            reasoning, content = splitters[comp.index].feed(
+                comp.text, final=comp.finish_reason is not None)
+            delta = {"reasoning_content": reasoning} if reasoning else {}
+            if content or not reasoning:
+                delta["content"] = content
+            return delta
 
         def chunks(_: int, out: RequestOutput) -> list[str]:
             nonlocal num_generated
@@ -271,12 +292,16 @@ class OpenAIServingChat(OpenAIServing):
                 if not comp.text and comp.finish_reason is None and not (
                         wants_tokens and comp.token_ids):
                     continue
+                delta = delta_of(comp)
+                if delta == {"content": ""} and comp.text and comp.finish_reason is None and not (
+                        wants_tokens and comp.token_ids):
+                    continue  # all of it held back: a think tag may be forming
                 logprobs = None
                 if request.logprobs:
                     logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
                                                   request.top_logprobs or 0, as_ids)
                 events.append(event(chat_choice(
-                    comp.index, {"content": comp.text}, logprobs, comp.finish_reason,
+                    comp.index, delta, logprobs, comp.finish_reason,
                     comp.stop_reason, list(comp.token_ids) if request.return_token_ids else None)))
             return events
 
