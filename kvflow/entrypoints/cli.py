@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(serve, ServerArgs, title="server")
     add_dataclass_flags(serve, EngineArgs, title="engine")
     add_inert_vllm_flags(serve)
+    serve.add_argument("--config", metavar="FILE",
+                       help="YAML mapping of flag names to values (vLLM's --config); flags "
+                            "given on the command line win")
     serve.set_defaults(func=_serve, disable_log_stats=False)  # the server logs its load
 
     gen = sub.add_parser("generate", formatter_class=fmt,
@@ -334,8 +337,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_config_file(argv: Sequence[str]) -> list[str]:
+    """``--config FILE`` (vLLM's): the YAML mapping's keys as flags, placed before the
+    command line's own so that those win (argparse keeps the last value of a flag).
+
+    Keys are flag names with ``-`` or ``_``; ``true`` is a bare switch, ``false`` its
+    ``--no-`` form, a list gives several words, a mapping its JSON.
+    """
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args)
+                                                              else "")
+            rest = args[:i] + args[i + (1 if "=" in arg else 2):]
+            break
+    else:
+        return args
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ValueError(f"--config {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of flag names to values.")
+    flags: list[str] = []
+    for key, value in config.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            if str(key).replace("-", "_") not in INERT_OPTIONS:  # those switches have no --no-
+                flags.append("--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    command = 1 if rest and not rest[0].startswith("-") else 0  # after `serve`
+    return rest[:command] + flags + rest[command:]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    try:
+        argv = expand_config_file(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        parser.exit(2, f"kvflow: error: {exc}\n")
     ns = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if ns.command == "serve" else logging.WARNING,

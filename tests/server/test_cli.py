@@ -246,3 +246,21 @@ def test_inert_vllm_flags_run_and_refused_values_exit_with_the_reason(capsys):
                                         "hi"])
     with pytest.raises(ValueError, match=r"hf_overrides=\{'a': 1\}.*config.json"):
         cli.engine_args_from(ns, "m")
+
+
+def test_config_file_flags_and_command_line_wins(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9001\nmax-model-len: 128\nenable_prefix_caching: false\n"
+                      "served_model_name: [a, b]\nenforce-eager: true\nenable_lora: false\n"
+                      "override_generation_config: {temperature: 0.5}\n")
+    argv = cli.expand_config_file(["serve", "m", "--config", str(config), "--port", "9002"])
+    ns = cli.build_parser().parse_args(argv)
+    assert (ns.port, ns.max_model_len, ns.enable_prefix_caching) == (9002, 128, False)
+    assert ns.served_model_name == ["a", "b"] and ns.enforce_eager is True
+    assert ns.override_generation_config == {"temperature": 0.5}
+    assert cli.expand_config_file(["serve", "m"]) == ["serve", "m"]
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        cli.expand_config_file(["serve", f"--config={tmp_path / 'bad.yaml'}"])
+    with pytest.raises(ValueError, match="--config '/nope.yaml'"):
+        cli.expand_config_file(["serve", "--config", "/nope.yaml"])
