@@ -170,7 +170,7 @@ def _serve(ns: argparse.Namespace) -> int:
     from kvflow.engine.async_llm import AsyncLLM
     from kvflow.entrypoints.openai.server import (
         ServerArgs,
-        check_ssl_files,
+        check_server_args,
         load_chat_template,
         run_server,
     )
@@ -183,7 +183,7 @@ def _serve(ns: argparse.Namespace) -> int:
     engine_args = engine_args_from(ns, model)
     server_args = ServerArgs(**server_values, served_model_names=list(names),
                              log_stats=not engine_args.disable_log_stats)
-    check_ssl_files(server_args)  # before the model loads, not at the socket
+    check_server_args(server_args)  # before the model loads, not at the socket
     engine_args.served_model_name = names[0]
     async_llm = AsyncLLM.from_engine_args(
         engine_args, in_process=server_args.disable_frontend_multiprocessing)

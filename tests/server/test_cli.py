@@ -205,7 +205,7 @@ def test_remote_chat_client(server, offline, capsys, monkeypatch):
 
 def test_more_vllm_serve_flags_parse_and_reach_their_settings(tmp_path):
     """Flags vLLM scripts commonly pass: each lands where it acts (or is refused clearly)."""
-    from kvflow.entrypoints.openai.server import check_ssl_files, uvicorn_config
+    from kvflow.entrypoints.openai.server import check_server_args, uvicorn_config
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     key.write_text("k")
@@ -222,14 +222,14 @@ def test_more_vllm_serve_flags_parse_and_reach_their_settings(tmp_path):
                            if hasattr(ns, f.name)})
     assert server.disable_log_requests and server.max_log_len == 100
     assert server.response_role == "bot"
-    check_ssl_files(server)
+    check_server_args(server)
     config = uvicorn_config(object(), server)
     assert (config.root_path, config.ssl_keyfile, config.ssl_certfile) == (
         "/llm", str(key), str(cert))
     with pytest.raises(ValueError, match="go together"):
-        check_ssl_files(ServerArgs(ssl_keyfile=str(key)))
+        check_server_args(ServerArgs(ssl_keyfile=str(key)))
     with pytest.raises(ValueError, match=r"--ssl-certfile '/nope.pem' is not a file"):
-        check_ssl_files(ServerArgs(ssl_keyfile=str(key), ssl_certfile="/nope.pem"))
+        check_server_args(ServerArgs(ssl_keyfile=str(key), ssl_certfile="/nope.pem"))
 
 
 def test_inert_vllm_flags_run_and_refused_values_exit_with_the_reason(capsys):

@@ -272,6 +272,8 @@ class DeltaMessage(ResponseModel):
     content: Optional[str] = None
     reasoning_content: Optional[str] = None
     """With ``--reasoning-parser``: the thinking this chunk adds (reasoning.py)."""
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    """With ``--enable-auto-tool-choice``: the reply's calls, in its last chunk (tool_calls.py)."""
 
 
 class ChatCompletionStreamChoice(ResponseModel):

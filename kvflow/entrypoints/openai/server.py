@@ -59,6 +59,7 @@ from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvflow.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from kvflow.entrypoints.openai.reasoning import PARSERS
 from kvflow.entrypoints.openai.stats_logger import StatsLogger
+from kvflow.entrypoints.openai.tool_calls import PARSERS as TOOL_PARSERS
 from kvflow.gc_freeze import freeze_startup_heap
 
 logger = logging.getLogger("kvflow.entrypoints.openai")
@@ -113,6 +114,12 @@ class ServerArgs:
     deepseek_r1), in whole and streamed chat replies."""
     enable_reasoning: bool = False
     """Older vLLM's switch for the parser; accepted (``--reasoning-parser`` alone is enough)."""
+    enable_auto_tool_choice: bool = False
+    """Parse the tool calls a model writes into the reply's ``tool_calls`` (tool_choice
+    'auto'); needs ``--tool-call-parser``."""
+    tool_call_parser: Optional[str] = field(default=None,
+                                            metadata={"choices": list(TOOL_PARSERS)})
+    """The format the model writes calls in: hermes (Qwen2.5/Qwen3, Hermes)."""
     response_role: str = "assistant"
     """Role of the chat reply when the request asks for a generation prompt."""
     return_tokens_as_token_ids: bool = False
@@ -167,7 +174,8 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
                     defaults)
     completions = serving(OpenAIServingCompletion)
     chats = serving(OpenAIServingChat, response_role=args.response_role,
-                    reasoning_parser=args.reasoning_parser)
+                    reasoning_parser=args.reasoning_parser,
+                    tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     tokenization = serving(OpenAIServingTokenization)
     state = _EngineState(async_llm)
 
@@ -297,9 +305,12 @@ class _UvicornServer(uvicorn.Server):
         loop.call_soon_threadsafe(start)
 
 
-def check_ssl_files(args: ServerArgs) -> None:
-    """A ValueError naming the flag if a TLS file is missing or only one of key/cert is
-    given: ``kvflow serve`` checks before loading the model, not at the socket."""
+def check_server_args(args: ServerArgs) -> None:
+    """A ValueError naming the flag for settings that cannot work together: checked by
+    ``kvflow serve`` before the model loads, not at the socket or the first request."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{list(TOOL_PARSERS)}).")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together: give both for HTTPS.")
     for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),

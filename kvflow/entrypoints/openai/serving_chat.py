@@ -27,6 +27,7 @@ from kvflow.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from kvflow.entrypoints.openai.reasoning import ReasoningSplitter, split_reasoning
+from kvflow.entrypoints.openai.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 from kvflow.entrypoints.openai.serving_base import (
     ClientDisconnected,
     EnginePrompt,
@@ -76,8 +77,12 @@ class OpenAIServingChat(OpenAIServing):
     """/v1/chat/completions: messages through the chat template, then as completions."""
 
     def __init__(self, *args: Any, response_role: str = "assistant",
-                 reasoning_parser: Optional[str] = None, **kwargs: Any) -> None:
+                 reasoning_parser: Optional[str] = None, tool_parser: Optional[str] = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.tool_parser = tool_parser
+        """``--enable-auto-tool-choice --tool-call-parser``: replies' calls become
+        ``tool_calls`` (tool_calls.py); None: tools only reach the template."""
         self.response_role = response_role
         """Role of the reply to a request that asks for a generation prompt (--response-role)."""
         self.reasoning_parser = reasoning_parser
@@ -123,9 +128,14 @@ class OpenAIServingChat(OpenAIServing):
         self.log_ignored_fields(request)
         self.check_common(request)
         tools = request.tools
-        if tools and request.tool_choice != "none":
-            raise APIError("Tool calling is not supported by kvflow yet; send tool_choice='none' "
-                           "to only show the tools to the template, or drop tools.", 400,
+        if tools and request.tool_choice not in ("none", "auto", None):
+            raise APIError(f"tool_choice={request.tool_choice!r} forces a call, which needs "
+                           "guided decoding; kvflow has none. Use 'auto' (the model decides) "
+                           "or 'none'.", 400, "tool_choice")
+        if tools and request.tool_choice != "none" and self.tool_parser is None:
+            raise APIError("Automatic tool choice needs the server started with "
+                           "--enable-auto-tool-choice --tool-call-parser hermes; or send "
+                           "tool_choice='none' to only show the tools to the template.", 400,
                            "tool_choice")
         if request.top_logprobs and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true.", 400, "top_logprobs")
@@ -156,6 +166,10 @@ class OpenAIServingChat(OpenAIServing):
                 raw, self._full(request, prompt, model, request_id, arrival, echo))
         except ClientDisconnected:
             return Response(status_code=499)
+
+    def _parses_tools(self, request: ChatCompletionRequest) -> bool:
+        """Whether this reply's tool calls are parsed out of its text."""
+        return bool(self.tool_parser and request.tools and request.tool_choice != "none")
 
     def _reply_role(self, request: ChatCompletionRequest) -> str:
         """The reply's role: ``--response-role`` after a generation prompt, else the last
@@ -214,11 +228,20 @@ class OpenAIServingChat(OpenAIServing):
             reasoning, text = None, comp.text
             if self.reasoning_parser is not None:
                 reasoning, text = split_reasoning(self.reasoning_parser, comp.text)
+            content: Optional[str] = echo + text
+            calls: list[ToolCall] = []
+            finish_reason = comp.finish_reason
+            if self._parses_tools(request):
+                parsed, calls = parse_tool_calls(text)
+                if calls:
+                    content = (echo + parsed) if (echo or parsed) else None
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             choices.append(ChatCompletionResponseChoice(
                 index=comp.index,
-                message=ChatResponseMessage(role=self._reply_role(request), content=echo + text,
-                                            reasoning_content=reasoning),
-                logprobs=logprobs, finish_reason=comp.finish_reason,
+                message=ChatResponseMessage(role=self._reply_role(request), content=content,
+                                            reasoning_content=reasoning,
+                                            tool_calls=[c.to_dict() for c in calls]),
+                logprobs=logprobs, finish_reason=finish_reason,
                 stop_reason=comp.stop_reason,
                 token_ids=list(comp.token_ids) if request.return_token_ids else None))
         num_prompt = len(prompt.token_ids)
@@ -265,17 +288,30 @@ class OpenAIServingChat(OpenAIServing):
         ended: set[int] = set()
         splitters = ({i: ReasoningSplitter(self.reasoning_parser) for i in range(request.n)}
                      if self.reasoning_parser is not None else None)
+        tool_streams = ({i: ToolCallStream() for i in range(request.n)}
+                        if self._parses_tools(request) else None)
 
-        def delta_of(comp: Any) -> dict[str, Any]:
-            """{"content": text}, or with a reasoning parser its reasoning and/or content."""
-            if splitters is None:
-                return {"content": comp.text}
-            reasoning, content = splitters[comp.index].feed(
-                comp.text, final=comp.finish_reason is not None)
-            delta = {"reasoning_content": reasoning} if reasoning else {}
+        def delta_of(comp: Any) -> tuple[dict[str, Any], Optional[str]]:
+            """The choice's delta ({"content": text}, or split by the parsers: reasoning,
+            content, tool calls at the end) and its finish reason."""
+            final = comp.finish_reason is not None
+            reasoning, content = "", comp.text
+            if splitters is not None:
+                reasoning, content = splitters[comp.index].feed(comp.text, final=final)
+            calls: list[ToolCall] = []
+            if tool_streams is not None:
+                content = tool_streams[comp.index].feed(content)
+                if final:
+                    rest, calls = tool_streams[comp.index].finish()
+                    content += rest
+            delta: dict[str, Any] = {"reasoning_content": reasoning} if reasoning else {}
             if content or not reasoning:
                 delta["content"] = content
-            return delta
+            finish_reason = comp.finish_reason
+            if calls:
+                delta["tool_calls"] = [c.to_dict(i) for i, c in enumerate(calls)]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            return delta, finish_reason
 
         def chunks(_: int, out: RequestOutput) -> list[str]:
             nonlocal num_generated
@@ -292,16 +328,16 @@ class OpenAIServingChat(OpenAIServing):
                 if not comp.text and comp.finish_reason is None and not (
                         wants_tokens and comp.token_ids):
                     continue
-                delta = delta_of(comp)
+                delta, finish_reason = delta_of(comp)
                 if delta == {"content": ""} and comp.text and comp.finish_reason is None and not (
                         wants_tokens and comp.token_ids):
-                    continue  # all of it held back: a think tag may be forming
+                    continue  # all of it held back: a think tag or a tool call may be forming
                 logprobs = None
                 if request.logprobs:
                     logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
                                                   request.top_logprobs or 0, as_ids)
                 events.append(event(chat_choice(
-                    comp.index, delta, logprobs, comp.finish_reason,
+                    comp.index, delta, logprobs, finish_reason,
                     comp.stop_reason, list(comp.token_ids) if request.return_token_ids else None)))
             return events
 
