@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from chat_stubs import canned_outputs, stub_chat
 
 from kvflow.entrypoints import cli
 from kvflow.entrypoints.openai.protocol import ChatCompletionRequest
 from kvflow.entrypoints.openai.reasoning import ReasoningSplitter, split_reasoning
 from kvflow.entrypoints.openai.serving_base import EnginePrompt
-from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
-from kvflow.outputs import CompletionOutput, RequestOutput
 from kvflow.sampling_params import SamplingParams
 
 THOUGHT = "<think>\nThe user greets me; 2+2 is 4.</think>\n\nHello! It is 4."
@@ -61,28 +59,9 @@ def test_unknown_parser_and_the_flag():
         cli.build_parser().parse_args(["serve", "m", "--reasoning-parser", "granite"])
 
 
-class _Tokenizer:
-    def decode(self, ids: list[int], **_: Any) -> str:
-        return "".join(f"<{i}>" for i in ids)
-
-
-def _chat(parser: str) -> OpenAIServingChat:
-    engine = SimpleNamespace(get_tokenizer=_Tokenizer, model_config=SimpleNamespace(
-        max_model_len=512, vocab_size=1000, sampling_defaults={}))
-    return OpenAIServingChat(engine, served_model_names=["m"], metrics=None,
-                             reasoning_parser=parser)
-
-
-def _outputs(deltas: list[str]) -> list[RequestOutput]:
-    return [RequestOutput("r", None, [1, 2], None, [CompletionOutput(
-        index=0, text=d, token_ids=[10 + i], cumulative_logprob=None, logprobs=None,
-        finish_reason="stop" if i == len(deltas) - 1 else None)],
-        finished=i == len(deltas) - 1) for i, d in enumerate(deltas)]
-
-
 def test_stream_carries_reasoning_then_content():
     deltas = ["<think>", "\nThe user", " greets me.</th", "ink>\n\nHel", "lo!", ""]
-    outs = _outputs(deltas)
+    outs = canned_outputs(deltas)
 
     async def feed():
         for out in outs[1:]:
@@ -92,7 +71,7 @@ def test_stream_carries_reasoning_then_content():
         request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
                                         stream=True)
         prompt = EnginePrompt("chatcmpl-1", [1, 2], None, SamplingParams())
-        body = _chat("qwen3")._stream_body(request, prompt, "m", "chatcmpl-1", outs[0],
+        body = stub_chat(reasoning_parser="qwen3")._stream_body(request, prompt, "m", "chatcmpl-1", outs[0],
                                            feed(), "")
         events = [e async for e in body]
         assert events[-1] == "data: [DONE]\n\n"
@@ -107,8 +86,8 @@ def test_stream_carries_reasoning_then_content():
 
 
 def test_whole_reply_has_reasoning_content():
-    chat = _chat("deepseek_r1")
-    final = _outputs(["x</think>y"])[0]
+    chat = stub_chat(reasoning_parser="deepseek_r1")
+    final = canned_outputs(["x</think>y"])[0]
 
     async def run_requests(*_: Any):
         yield 0, final

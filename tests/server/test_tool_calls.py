@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from chat_stubs import canned_outputs, stub_chat
 
 from kvflow.entrypoints.openai.errors import APIError
 from kvflow.entrypoints.openai.protocol import ChatCompletionRequest
 from kvflow.entrypoints.openai.server import ServerArgs, check_server_args
 from kvflow.entrypoints.openai.serving_base import EnginePrompt
-from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvflow.entrypoints.openai.tool_calls import ToolCallStream, parse_tool_calls
-from kvflow.outputs import CompletionOutput, RequestOutput
 from kvflow.sampling_params import SamplingParams
 
 CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -44,7 +42,7 @@ def test_parse_whole_reply():
 def test_stream_sends_the_text_before_the_first_call_whatever_the_cuts():
     rng = random.Random(0)
     for text in (CALLS, "no calls, ends in <tool", "x <tool_call>{bad json</tool_call>", ""):
-        content, calls = parse_tool_calls(text)
+        _, calls = parse_tool_calls(text)
         for _ in range(200):
             cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
             pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
@@ -55,35 +53,14 @@ def test_stream_sends_the_text_before_the_first_call_whatever_the_cuts():
             assert sent + rest == (text[:text.find("<tool_call>")] if calls else text), pieces
 
 
-class _Tokenizer:
-    chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-    def decode(self, ids: list[int], **_: Any) -> str:
-        return "".join(f"<{i}>" for i in ids)
-
-
-def _chat(tool_parser=None) -> OpenAIServingChat:
-    engine = SimpleNamespace(get_tokenizer=_Tokenizer, model_config=SimpleNamespace(
-        max_model_len=512, vocab_size=1000, sampling_defaults={}))
-    return OpenAIServingChat(engine, served_model_names=["m"], metrics=None,
-                             tool_parser=tool_parser)
-
-
-def _outputs(deltas: list[str]) -> list[RequestOutput]:
-    return [RequestOutput("r", None, [1, 2], None, [CompletionOutput(
-        index=0, text=d, token_ids=[10 + i], cumulative_logprob=None, logprobs=None,
-        finish_reason="stop" if i == len(deltas) - 1 else None)],
-        finished=i == len(deltas) - 1) for i, d in enumerate(deltas)]
-
-
 def _request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "Weather in Paris?"}],
                                  tools=TOOLS, **fields)
 
 
 def test_whole_reply_carries_tool_calls():
-    chat = _chat("hermes")
-    final = _outputs([CALLS])[0]
+    chat = stub_chat(tool_parser="hermes")
+    final = canned_outputs([CALLS])[0]
 
     async def run_requests(*_: Any):
         yield 0, final
@@ -101,10 +78,10 @@ def test_whole_reply_carries_tool_calls():
 
 
 def test_stream_ends_with_the_calls():
-    chat = _chat("hermes")
+    chat = stub_chat(tool_parser="hermes")
     deltas = ["Let me", " check.\n<tool", "_call>\n{\"name\": \"get_weather\", ",
               "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>", ""]
-    outs = _outputs(deltas)
+    outs = canned_outputs(deltas)
 
     async def feed():
         for out in outs[1:]:
@@ -129,11 +106,11 @@ def test_stream_ends_with_the_calls():
 
 
 def test_route_rules_and_flags():
-    prompt_check = _chat(None)
+    prompt_check = stub_chat()
     with pytest.raises(APIError, match="--enable-auto-tool-choice --tool-call-parser hermes"):
         asyncio.run(prompt_check.create_chat_completion(_request(), None))
     with pytest.raises(APIError, match="forces a call"):
-        asyncio.run(_chat("hermes").create_chat_completion(_request(tool_choice="required"),
+        asyncio.run(stub_chat(tool_parser="hermes").create_chat_completion(_request(tool_choice="required"),
                                                            None))
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         check_server_args(ServerArgs(enable_auto_tool_choice=True))

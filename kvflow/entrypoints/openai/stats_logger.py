@@ -54,7 +54,7 @@ class StatsLogger:
             await asyncio.sleep(interval)
             try:
                 text = self.line()
-            except Exception:  # noqa: BLE001 - a dead engine is reported elsewhere
+            except Exception:  # a dead engine is reported elsewhere
                 logger.debug("stats snapshot failed", exc_info=True)
                 continue
             if text is not None:
