@@ -77,7 +77,12 @@ def test_stream_carries_reasoning_then_content():
         assert events[-1] == "data: [DONE]\n\n"
         return [json.loads(e[6:]) for e in events[:-1]]
 
-    chunks = [c["choices"][0]["delta"] for c in asyncio.run(collect())]
+    events = asyncio.run(collect())
+    from openai.types.chat import ChatCompletionChunk
+
+    for e in events:  # the official client reads every chunk, reasoning_content kept as extra
+        ChatCompletionChunk.model_validate(e)
+    chunks = [c["choices"][0]["delta"] for c in events]
     assert chunks[0] == {"role": "assistant", "content": ""}
     reasoning = "".join(d.get("reasoning_content", "") for d in chunks)
     content = "".join(d.get("content", "") or "" for d in chunks[1:])

@@ -75,6 +75,11 @@ def test_whole_reply_carries_tool_calls():
         "get_weather", "add"]
     assert json.loads(choice["message"]["tool_calls"][1]["function"]["arguments"]) == {
         "a": 1, "b": 2}
+    # The official client reads it as it reads OpenAI's.
+    from openai.types.chat import ChatCompletion
+
+    parsed = ChatCompletion.model_validate(json.loads(response.body))
+    assert parsed.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
 def test_stream_ends_with_the_calls():
@@ -94,7 +99,12 @@ def test_stream_ends_with_the_calls():
         events = [e async for e in body]
         return [json.loads(e[6:]) for e in events[:-1]]
 
-    choices = [c["choices"][0] for c in asyncio.run(collect())]
+    chunks = asyncio.run(collect())
+    from openai.types.chat import ChatCompletionChunk
+
+    last_chunk = ChatCompletionChunk.model_validate(chunks[-1])  # the client's own reading
+    assert last_chunk.choices[0].delta.tool_calls[0].function.name == "get_weather"
+    choices = [c["choices"][0] for c in chunks]
     content = "".join(c["delta"].get("content") or "" for c in choices)
     assert content == "Let me check.\n"
     last = choices[-1]
