@@ -230,7 +230,7 @@ def test_api_key_guards_api_routes(server):
                           headers={"Authorization": "Bearer wrong-key"})
         assert_error(r, 401)
     assert httpx.get(server.base_url + "/models", headers=AUTH).status_code == 200
-    for path in ("/health", "/version", "/metrics"):
+    for path in ("/health", "/ping", "/version", "/metrics"):
         assert httpx.get(server.url + path).status_code == 200, path
     preflight = httpx.options(server.base_url + "/completions", headers={
         "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})

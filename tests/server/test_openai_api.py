@@ -69,6 +69,8 @@ def test_models_health_version(server, client):
     assert body["object"] == "list" and body["data"][0]["max_model_len"] == MAX_MODEL_LEN
     assert client.models.retrieve(ALIAS).id == ALIAS
     assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ping").status_code == 200  # vLLM's SageMaker probe
+    assert httpx.post(server.url + "/ping").status_code == 200
     assert httpx.get(server.url + "/version").json()["version"]
     docs = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/chat/completions" in docs["paths"] and "/tokenize" in docs["paths"]

@@ -66,7 +66,7 @@ logger = logging.getLogger("kvflow.entrypoints.openai")
 
 T = TypeVar("T", bound=OpenAIServing)
 
-OPEN_PATHS = ("/health", "/version", "/metrics")
+OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
 """Routes the API key does not guard: probes and scrapers carry no credentials."""
 
 
@@ -200,6 +200,8 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
         status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get("/ping", responses={503: {"model": ErrorResponse}})  # vLLM's, for SageMaker
+    @app.post("/ping", responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
         """200 while the engine serves; 503 once it is shutting down or its process died."""
         if state.closing:
