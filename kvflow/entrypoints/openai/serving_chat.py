@@ -27,7 +27,6 @@ from kvflow.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from kvflow.entrypoints.openai.reasoning import ReasoningSplitter, split_reasoning
-from kvflow.entrypoints.openai.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 from kvflow.entrypoints.openai.serving_base import (
     ClientDisconnected,
     EnginePrompt,
@@ -42,6 +41,7 @@ from kvflow.entrypoints.openai.stream_chunks import (
     chat_opening_choice,
     usage_dict,
 )
+from kvflow.entrypoints.openai.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 from kvflow.outputs import Logprob, RequestOutput
 
 _FIELDS = frozenset(ChatCompletionRequest.model_fields)
@@ -325,13 +325,10 @@ class OpenAIServingChat(OpenAIServing):
                 num_generated += len(comp.token_ids)
                 # Held-back text makes no chunk unless token ids or logprobs were asked for.
                 wants_tokens = request.logprobs or request.return_token_ids
-                if not comp.text and comp.finish_reason is None and not (
-                        wants_tokens and comp.token_ids):
-                    continue
                 delta, finish_reason = delta_of(comp)
-                if delta == {"content": ""} and comp.text and comp.finish_reason is None and not (
+                if delta == {"content": ""} and comp.finish_reason is None and not (
                         wants_tokens and comp.token_ids):
-                    continue  # all of it held back: a think tag or a tool call may be forming
+                    continue  # nothing to show yet (a stop string, think tag or call forming)
                 logprobs = None
                 if request.logprobs:
                     logprobs = self.chat_logprobs(comp.token_ids, list(comp.logprobs or []),
