@@ -61,7 +61,7 @@ class ReasoningSplitter:
                     reasoning.append(text[:end])
                     text, self._state = text[end + len(END):], "answer"
                 else:
-                    keep = 0 if final else _partial_suffix(text, END)
+                    keep = 0 if final else partial_tag_at_end(text, END)
                     reasoning.append(text[:len(text) - keep])
                     self._pending, text = text[len(text) - keep:], ""
             else:  # answer
@@ -80,8 +80,9 @@ def split_reasoning(parser: str, text: str) -> tuple[Optional[str], str]:
     return (reasoning if splitter.thought else None), content
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper start of ``tag``."""
+def partial_tag_at_end(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a proper start of ``tag``: what a
+    stream holds back in case the next delta completes the tag (also tool_calls.py)."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:size]):
             return size

@@ -10,8 +10,8 @@ writes for a call::
 into the OpenAI reply's ``tool_calls`` (``finish_reason: "tool_calls"``), the text
 before the first call staying ``content``. kvflow parses the same format. Streamed,
 the text before a call streams as usual; from ``<tool_call>`` on, the stream holds the
-rest back and ends with one delta carrying the parsed calls, which OpenAI clients
-accumulate like any other (one chunk per call, arguments whole).
+rest back and ends with one delta carrying the parsed calls (one entry per call,
+arguments whole), which OpenAI clients accumulate like any other.
 
 A block whose JSON does not parse, or has no name, is not a call: the reply keeps it
 as text, as vLLM does, rather than failing the request.
@@ -24,6 +24,8 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from kvflow.entrypoints.openai.reasoning import partial_tag_at_end
 
 PARSERS = ("hermes",)
 START, END = "<tool_call>", "</tool_call>"
@@ -79,7 +81,7 @@ class ToolCallStream:
         """The content this delta may stream now."""
         self._text += delta
         start = self._text.find(START)
-        limit = start if start >= 0 else len(self._text) - _partial_suffix(self._text, START)
+        limit = start if start >= 0 else len(self._text) - partial_tag_at_end(self._text, START)
         out = self._text[self._sent:limit] if limit > self._sent else ""
         self._sent = max(self._sent, limit)
         return out
@@ -92,10 +94,3 @@ class ToolCallStream:
         self._sent = len(self._text)
         return rest, calls
 
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper start of ``tag``."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
