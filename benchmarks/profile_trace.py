@@ -2,6 +2,8 @@
 
     python benchmarks/profile_trace.py [--shape llama3-8b] [--quick]
     python benchmarks/profile_trace.py --shape tiny --device cpu   # CPU dry run (aten ops)
+    python benchmarks/profile_trace.py --model DIR [--dtype float16] --skip-t1 --top 30
+        # a checkpoint on disk instead of random weights (awq_bench.py's AWQ one)
 
 Two regions, each traced after a warm-up: L1 decode steps (batch 1, prompt 512,
 ``--l1-steps`` engine steps after the prefill) and a T1 run (``LLM.generate`` of the
@@ -168,17 +170,21 @@ def trace_t1(llm, device: str, requests: list[list[int]], max_tokens: int) -> Tr
 
 
 def run_traces(model_dir: str, device: str, token_id_max: int, *, l1_steps: int,
-               t1_requests: list[list[int]], t1_tokens: int) -> list[TraceSummary]:
+               t1_requests: list[list[int]], t1_tokens: int, load_format: str = "dummy",
+               dtype: str = "", skip_t1: bool = False) -> list[TraceSummary]:
     """Both regions, each with its own engine (L1's settings, then T1's), freed after."""
     from kvflow import LLM
 
-    common = dict(load_format="dummy", skip_tokenizer_init=True, seed=0, device=device,
-                  dtype="bfloat16" if device == "cuda" else "float32", max_model_len=2048)
+    common = dict(load_format=load_format, skip_tokenizer_init=True, seed=0, device=device,
+                  dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
+                  max_model_len=2048)
     llm = LLM(model_dir, max_num_seqs=8, **common)
     llm.llm_engine.scheduler.kv_cache_manager.enable_caching = False
     summaries = [trace_l1(llm, device, token_id_max, l1_steps)]
     del llm
     gc.collect()
+    if skip_t1:
+        return summaries
     llm = LLM(model_dir, max_num_seqs=256, **common)
     summaries.append(trace_t1(llm, device, t1_requests, t1_tokens))
     del llm
@@ -197,16 +203,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="T1 region: 32 requests x 64 tokens")
     ap.add_argument("--l1-steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=0, help="also list the N longest kernels")
+    ap.add_argument("--model", default=None,
+                    help="a checkpoint folder to load (default: random weights of --shape)")
+    ap.add_argument("--dtype", default="", help="engine dtype (default bfloat16 on CUDA)")
+    ap.add_argument("--skip-t1", action="store_true", help="trace the L1 region only")
     args = ap.parse_args()
-    cfg = SHAPES[args.shape]
-    model_dir = tempfile.mkdtemp(prefix="kvflow-trace-")
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    if args.model:
+        with open(os.path.join(args.model, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        model_dir = args.model
+    else:
+        cfg = SHAPES[args.shape]
+        model_dir = tempfile.mkdtemp(prefix="kvflow-trace-")
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(cfg, f)
     token_id_max = min(100000, cfg["vocab_size"])
     n, tokens = (32, 64) if args.quick or args.device == "cpu" else (128, 256)
     reqs = [[t % token_id_max for t in r] for r in t1_requests(n)]
     summaries = run_traces(model_dir, args.device, token_id_max, l1_steps=args.l1_steps,
-                           t1_requests=reqs, t1_tokens=tokens)
+                           t1_requests=reqs, t1_tokens=tokens,
+                           load_format="auto" if args.model else "dummy", dtype=args.dtype,
+                           skip_t1=args.skip_t1)
     print_table(summaries)
     if args.top:
         print_top(summaries, args.top)

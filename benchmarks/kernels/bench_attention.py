@@ -27,10 +27,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from kvflow.attention.metadata import longest_first
 from kvflow.kernels.paged_attention import (
     PagedAttentionConfig,
     choose_config,
     choose_num_kv_splits,
+    graph_num_kv_splits,
+    num_sms,
     paged_attention,
 )
 
@@ -114,12 +117,15 @@ class PagedInputs:
         self.out = torch.empty_like(self.q)
 
     def call(self, config: Optional[PagedAttentionConfig] = None,
-             num_kv_splits: Optional[int] = None) -> Callable[[], None]:
+             num_kv_splits: Optional[int] = None,
+             decode_order: Optional[torch.Tensor] = None,
+             split_min_keys: Optional[int] = None) -> Callable[[], None]:
         def run():
             paged_attention(self.q, self.kv_cache, self.query_start_loc, self.seq_lens,
                             self.block_tables, scale=HEAD_SIZE ** -0.5,
                             max_query_len=self.max_query_len, max_seq_len=self.max_seq_len,
-                            num_kv_splits=num_kv_splits, config=config, out=self.out)
+                            num_kv_splits=num_kv_splits, config=config, out=self.out,
+                            decode_order=decode_order, split_min_keys=split_min_keys)
         return run
 
 
@@ -196,6 +202,62 @@ def bench_decode(dtype, batches, contexts, copy_bw, budget, tune: bool) -> None:
             sys.stdout.flush()
 
 
+def bench_ragged(dtype, batches, lo: int, hi: int, copy_bw, budget) -> None:
+    """Decode at context lengths drawn uniformly from [lo, hi] (T1's decode steps: prompts
+    100..1,024 plus up to 256 generated): batch order against longest first."""
+    import random
+
+    print(f"\n### Decode, ragged contexts uniform in [{lo}, {hi}] (paged, GQA 32/8, head 128)\n")
+    print("| batch | mean context | splits | launch order | kvflow us (min-max) | GB/s | % copy |")
+    print("|---|---|---|---|---|---|---|")
+    elt = torch.finfo(dtype).bits // 8
+    for batch in batches:
+        rng = random.Random(batch)
+        ctx = [rng.randint(lo, hi) for _ in range(batch)]
+        kv_bytes = 2 * sum(ctx) * NUM_KV_HEADS * HEAD_SIZE * elt
+        moved = kv_bytes + 2 * batch * NUM_HEADS * HEAD_SIZE * elt
+        num_layers = layers_for(kv_bytes, budget)
+        layers = [PagedInputs([1] * batch, ctx, dtype) for _ in range(num_layers)]
+        splits = choose_num_kv_splits(batch, NUM_KV_HEADS, 1, max(ctx), layers[0].q.device)
+        order = torch.tensor(longest_first(ctx), dtype=torch.int32, device="cuda")
+        for name, dec in (("batch order", None), ("longest first", order)):
+            t = time_graph(lambda i: layers[i].call(decode_order=dec), num_layers)
+            print(f"| {batch} | {sum(ctx) / batch:.0f} | {splits} | {name} | {fmt_t(t)} | "
+                  f"{moved / t[0] / 1e9:.0f} | {100 * moved / t[0] / copy_bw:.0f}% |")
+            sys.stdout.flush()
+        layers = None
+        torch.cuda.empty_cache()
+
+
+def bench_graph_splits(dtype, batches, contexts, copy_bw, budget) -> None:
+    """Decode as a CUDA graph runs it: the split count pinned per batch size at capture
+    (``graph_num_kv_splits``) whatever the context, each partition at least
+    ``split_min_keys`` keys (0: every split takes a partition, as before)."""
+    minimums = (0, 128, 256, 512)
+    print(f"\n### Decode at the graphs' pinned split counts (GQA {NUM_HEADS}/{NUM_KV_HEADS}, "
+          f"head {HEAD_SIZE}): us per call by split_min_keys\n")
+    print("| batch | context | splits | " + " | ".join(f"min {m} keys" for m in minimums)
+          + " | best % copy |")
+    print("|---|---|---|" + "---|" * (len(minimums) + 1))
+    elt = torch.finfo(dtype).bits // 8
+    for batch in batches:
+        for ctx in contexts:
+            kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_SIZE * elt
+            moved = kv_bytes + 2 * batch * NUM_HEADS * HEAD_SIZE * elt
+            num_layers = layers_for(kv_bytes, budget)
+            layers = [PagedInputs([1] * batch, [ctx] * batch, dtype) for _ in range(num_layers)]
+            splits = graph_num_kv_splits(batch, NUM_KV_HEADS, num_sms(layers[0].q.device))
+            times = [time_graph(lambda i: layers[i].call(num_kv_splits=splits,
+                                                         split_min_keys=m), num_layers)[0]
+                     for m in minimums]
+            print(f"| {batch} | {ctx} | {splits} | "
+                  + " | ".join(f"{t * 1e6:.1f}" for t in times)
+                  + f" | {100 * moved / min(times) / copy_bw:.0f}% |")
+            sys.stdout.flush()
+            layers = None
+            torch.cuda.empty_cache()
+
+
 def causal_flops(q_lens: list[int], seq_lens: list[int]) -> float:
     pairs = sum(q * (s - q) + q * (q + 1) / 2 for q, s in zip(q_lens, seq_lens))
     return 4.0 * pairs * NUM_HEADS * HEAD_SIZE
@@ -266,6 +328,7 @@ def tune_shape(layers, num_layers, max_query_len) -> str:
 
 
 def main() -> None:
+    global NUM_KV_HEADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs per shape")
@@ -273,9 +336,18 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="decode batch sizes, comma list")
     parser.add_argument("--contexts", default=None, help="decode context lengths, comma list")
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill tables")
+    parser.add_argument("--ragged", default=None, metavar="LO-HI",
+                        help="instead: decode batches at contexts uniform in [LO, HI], "
+                             "batch order against longest first")
+    parser.add_argument("--graph-splits", action="store_true",
+                        help="instead: decode at the CUDA graphs' pinned split counts, by "
+                             "split_min_keys")
+    parser.add_argument("--kv-heads", type=int, default=NUM_KV_HEADS,
+                        help="KV heads (32 query heads): 8 = Llama-3-8B, 32 = Llama-2-7B")
     parser.add_argument("--budget-gib", type=float, default=16.0,
                         help="max K/V bytes of one shape (all its layers)")
     args = parser.parse_args()
+    NUM_KV_HEADS = args.kv_heads
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU.")
     dtype = DTYPES[args.dtype]
@@ -297,6 +369,13 @@ def main() -> None:
         batches, contexts = [1, 4, 16, 64, 256], [128, 512, 2048, 8192, 32768]
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else contexts
+    if args.graph_splits:
+        bench_graph_splits(dtype, batches, contexts, copy_bw, budget)
+        return
+    if args.ragged:
+        lo, hi = (int(v) for v in args.ragged.split("-"))
+        bench_ragged(dtype, batches, lo, hi, copy_bw, budget)
+        return
     bench_decode(dtype, batches, contexts, copy_bw, budget, args.tune)
     if args.decode_only:
         return

@@ -43,6 +43,10 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
+SPLIT_MIN_KEYS = 256
+"""Fewest keys a split-KV partition takes (``choose_num_kv_splits`` splits by the same
+rule; the kernel applies it per request, so CUDA graphs pinned to a split count do too)."""
+
 
 @dataclass(frozen=True)
 class PagedAttentionConfig:
@@ -91,7 +95,8 @@ def choose_num_kv_splits(num_reqs: int, num_kv_heads: int, max_query_len: int, m
     """How many partitions of the key range: > 1 only where B * Hkv programs leave SMs idle.
 
     Only decode-only batches are split: prefill q-blocks already give enough programs.
-    A partition keeps at least 256 keys so its fixed cost (Q load, partial write) stays small.
+    A partition keeps at least SPLIT_MIN_KEYS keys so its fixed cost (Q load, partial
+    write) stays small.
     """
     if max_query_len != 1 or device.type != "cuda":
         return 1
@@ -99,7 +104,8 @@ def choose_num_kv_splits(num_reqs: int, num_kv_heads: int, max_query_len: int, m
     num_programs = num_reqs * num_kv_heads
     if num_programs >= 2 * num_sms:
         return 1
-    return max(1, min(triton.cdiv(4 * num_sms, num_programs), triton.cdiv(max_seq_len, 256), 64))
+    return max(1, min(triton.cdiv(4 * num_sms, num_programs),
+                      triton.cdiv(max_seq_len, SPLIT_MIN_KEYS), 64))
 
 
 def graph_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
@@ -119,6 +125,7 @@ def graph_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int
 
 def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
 
 
 @triton.jit
@@ -191,12 +198,13 @@ def _attend_tile(
 # Run-time ints that vary step to step are not specialised (Triton compiles a variant for
 # an int equal to 1 and one for a multiple of 16): an eager step of a new batch size would
 # otherwise compile mid-serving. Only tile choices (constexprs) make variants.
-@triton.jit(do_not_specialize=["sliding_window", "num_reqs", "num_heads", "num_splits"])
+@triton.jit(do_not_specialize=["sliding_window", "num_reqs", "num_heads", "num_splits",
+                               "min_split_tiles"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, alibi_slopes_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, alibi_slopes_ptr, order_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    scale_log2, sliding_window, num_reqs, num_heads, num_splits,
+    scale_log2, sliding_window, num_reqs, num_heads, num_kv_heads, num_splits, min_split_tiles,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cn, stride_cs, stride_ch, stride_bt,
     NUM_QUERIES_PER_KV: tl.constexpr,
@@ -207,19 +215,25 @@ def _paged_attention_kernel(
     TILE_N: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
     IS_SPLIT: tl.constexpr,
     IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Attention of one q-block of one request against its paged context, for one KV head.
 
-    Grid: ``(num_q_blocks, Hkv, num_splits)`` with ``num_q_blocks = T // BLOCK_Q + B``
+    Grid: ``(num_q_blocks * Hkv, 1, num_splits)``: program ``i`` of axis 0 takes KV head
+    ``i % Hkv`` of the ``i // Hkv``-th q-block in launch order, so the GPU starts every
+    head of one q-block before the next q-block. With ``num_q_blocks = T // BLOCK_Q + B``
     (``T`` when BLOCK_Q == 1). Request b owns q-blocks
     ``first_q_block(b) = query_start_loc[b] // BLOCK_Q + b`` (``query_start_loc[b]`` when
     BLOCK_Q == 1) up to ``first_q_block(b+1)``; the ``+ b`` slack covers each request's
     last, partial q-block, so the grid needs no host-side count of blocks per request.
-    Programs with no query row to compute exit at once; q-blocks are visited last to
-    first. Split s of a q-block handles the s-th of ``num_splits`` equal runs of its key tiles.
+    Programs with no query row to compute exit at once. Launch order: ``order[i]`` with
+    HAS_ORDER (decode-only launches, heaviest request first), else last q-block to first.
+    Split s of a q-block handles the s-th of its equal runs of key tiles: ``num_splits``
+    runs, fewer where that would leave a run under ``min_split_tiles`` tiles (splits past
+    the last run write an empty partial).
 
     Constexprs:
       NUM_QUERIES_PER_KV: G = H // Hkv.
@@ -231,16 +245,22 @@ def _paged_attention_kernel(
       TILE_N:     keys per tile, a power of two >= 16.
       HAS_ALIBI:  add slope[h] * (k - p) to the scores (slopes float32 [H]).
       HAS_WINDOW: keep only keys k > p - sliding_window.
+      HAS_ORDER:  BLOCK_Q == 1 and ``order`` (int32 [T]) lists the q-blocks in launch order.
       IS_SPLIT:   write float32 partials (unnormalised output, base-2 max, sum) of
                   split ``program_id(2)`` to part_* ([T, H, num_splits(, D)]) instead
                   of the normalised output.
       IS_FP32:    inputs are float32: IEEE dot products.
       UPCAST:     CPU interpreter: dot products in float32 (see ``_dot``).
     """
-    # Heaviest q-blocks (last in their request, most keys under the causal mask) first:
-    # the light ones then fill the tail of the launch.
-    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # Heaviest work first, so the light programs fill the tail of the launch: the order
+    # given (decodes by context length, longest first), else each request's last q-block
+    # (most keys under the causal mask) before its earlier ones.
+    kv_head = tl.program_id(0) % num_kv_heads
+    rank = tl.program_id(0) // num_kv_heads
+    if HAS_ORDER:
+        q_block = tl.load(order_ptr + rank)
+    else:
+        q_block = tl.num_programs(0) // num_kv_heads - 1 - rank
     split = tl.program_id(2)
 
     num_q_blocks_used = tl.load(query_start_loc_ptr + num_reqs)
@@ -305,7 +325,10 @@ def _paged_attention_kernel(
         kv_lo = 0
         t_lo = 0
         n_full = (p_min + 1) // TILE_N
-    tiles_per_split = tl.cdiv(n_total - t_lo, num_splits)
+    # A CUDA graph pins num_splits for every context length: at short contexts the runs
+    # would be a tile or two each, all latency. Keep runs of >= min_split_tiles tiles.
+    runs = tl.maximum(tl.minimum(num_splits, (n_total - t_lo) // min_split_tiles), 1)
+    tiles_per_split = tl.cdiv(n_total - t_lo, runs)
     s_lo = t_lo + split * tiles_per_split
     s_hi = tl.minimum(s_lo + tiles_per_split, n_total)
 
@@ -391,6 +414,8 @@ def paged_attention(
     num_kv_splits: Optional[int] = None,
     config: Optional[PagedAttentionConfig] = None,
     out: Optional[torch.Tensor] = None,  # [T, H, D]
+    decode_order: Optional[torch.Tensor] = None,  # int32 [T]
+    split_min_keys: Optional[int] = None,
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each request's new tokens over its paged context.
 
@@ -402,6 +427,16 @@ def paged_attention(
     so replays do not depend on the capture batch's lengths. ``config`` overrides the
     tile choice (benchmarks, tests). Rows of tokens past ``query_start_loc[B]`` are left
     unwritten. Scratch for the split path is allocated per call (caching allocator).
+
+    ``decode_order`` (decode-only steps, one token per request, so T == B): a permutation
+    of the requests, longest context first (``kvflow.attention.metadata.longest_first``), in which their programs
+    start. It changes no result, only the makespan: in a batch of mixed lengths the
+    long requests started last otherwise run alone at the end of the launch while the
+    SMs around them idle. Ignored for steps with longer queries.
+
+    ``split_min_keys`` (None: ``SPLIT_MIN_KEYS``): a split partition keeps at least this
+    many keys (rounded down to tiles), so a graph captured with 8 splits reads a 512-key
+    context in 2 partitions, not 8 of one tile each.
     """
     assert q.dim() == 3, f"q must be [T, H, D], got {tuple(q.shape)}"
     assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, (
@@ -452,6 +487,12 @@ def paged_attention(
         num_kv_splits = choose_num_kv_splits(num_reqs, num_kv_heads, max_query_len, max_seq_len, q.device)
     assert num_kv_splits >= 1, f"num_kv_splits={num_kv_splits}"
     num_q_blocks = num_tokens // block_q + num_reqs if block_q > 1 else num_tokens
+    has_order = decode_order is not None and block_q == 1
+    if has_order:
+        assert decode_order.dtype == torch.int32 and decode_order.shape == (num_tokens,), (
+            f"decode_order must be int32 [{num_tokens}], got {decode_order.dtype} "
+            f"{tuple(decode_order.shape)}")
+        assert decode_order.is_contiguous() and decode_order.device == q.device
 
     is_split = num_kv_splits > 1
     if is_split:
@@ -464,13 +505,16 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     assert k_cache.stride() == v_cache.stride()
 
-    _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_kv_splits)](
+    min_keys = SPLIT_MIN_KEYS if split_min_keys is None else split_min_keys
+    min_split_tiles = max(1, min_keys // config.tile_n)
+    _paged_attention_kernel[(num_q_blocks * num_kv_heads, 1, num_kv_splits)](
         out, q, k_cache, v_cache,
         block_tables, seq_lens, query_start_loc,
         alibi_slopes if alibi_slopes is not None else q,
+        decode_order if has_order else query_start_loc,
         part_acc, part_m, part_l,
         scale * _LOG2E, sliding_window if sliding_window is not None else 0,
-        num_reqs, num_heads, num_kv_splits,
+        num_reqs, num_heads, num_kv_heads, num_kv_splits, min_split_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_QUERIES_PER_KV=group,
@@ -481,6 +525,7 @@ def paged_attention(
         TILE_N=config.tile_n,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_WINDOW=sliding_window is not None,
+        HAS_ORDER=has_order,
         IS_SPLIT=is_split,
         IS_FP32=q.dtype == torch.float32,
         UPCAST=q.device.type != "cuda",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
-from kvflow.attention.backends.base import BaseAttentionBackend
+from kvflow.attention.backends.base import BaseAttentionBackend, RotaryInput
 from kvflow.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kvflow.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -30,16 +33,33 @@ class Attention(nn.Module):
             self.alibi_slopes = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                rotary: Optional[tuple[RotaryEmbedding, torch.Tensor]] = None) -> torch.Tensor:
+        """q [T, H*D], k/v [T, Hkv*D] (strided views of a qkv output are fine) -> [T, H*D].
+
+        ``rotary`` = (the layer's rotary embedding, positions [T]): applied to q and k
+        here, or inside the backend's KV write where it fuses them (Triton: one launch
+        less a layer). q may be rotated in place either way.
+        """
         num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        fused = None
+        if rotary is not None:
+            embedding, positions = rotary
+            if self.backend.fuses_rotary:
+                fused = RotaryInput(positions, embedding.cos_sin_cache, embedding.is_neox_style)
+            else:
+                q, k = embedding(positions, q, k)
+        kwargs = {} if fused is None else {"rotary": fused}
         out = self.backend.forward(
-            q.view(num_tokens, self.num_heads, self.head_dim),
-            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            q, k,
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
             kv_cache,
             metadata,
             scale=self.scale,
             sliding_window=self.sliding_window,
             alibi_slopes=self.alibi_slopes,
+            **kwargs,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

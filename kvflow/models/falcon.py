@@ -164,11 +164,9 @@ class FalconAttention(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.rotary_emb is not None:
-            q, k = self.rotary_emb(positions, q.reshape(num_tokens, -1, self.head_dim),
-                                   k.reshape(num_tokens, -1, self.head_dim))  # [T, H(kv), D]
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v.contiguous(),
-                        kv_cache, metadata)
+        # Rotary (when the model has no ALiBi) is applied by the attention layer.
+        out = self.attn(q, k, v, kv_cache, metadata,
+                        rotary=None if self.rotary_emb is None else (self.rotary_emb, positions))
         return self.dense(out)
 
 

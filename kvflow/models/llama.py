@@ -133,9 +133,9 @@ class LlamaAttention(nn.Module):
         k = k.reshape(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v.contiguous(),
-                        kv_cache, metadata)
+        # Rotary is applied by the attention layer (inside the KV-cache write on GPU).
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, kv_cache,
+                        metadata, rotary=(self.rotary_emb, positions))
         return self.o_proj(out)
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from kvflow.attention.metadata import AttentionMetadata
+from kvflow.attention.metadata import AttentionMetadata, longest_first
 from kvflow.models.base import CausalLM
 
 if TYPE_CHECKING:  # Triton is only needed (and maybe only installed) on CUDA machines
@@ -125,6 +125,7 @@ class PaddedInputs:
     seq_lens: torch.Tensor  # int32 [B_pad]
     block_tables: torch.Tensor  # int32 [B, P']: the real requests' rows only
     query_start_loc: Optional[torch.Tensor]  # int32 [B_pad + 1]; None for decode graphs
+    decode_order: Optional[torch.Tensor] = None  # int32 [B_pad]; decode graphs only
 
 
 def pad_inputs(key: GraphKey, input_ids: list[int], positions: list[int], slots: list[int],
@@ -138,6 +139,8 @@ def pad_inputs(key: GraphKey, input_ids: list[int], positions: list[int], slots:
     of padding requests are not sent: the buffer keeps what earlier steps wrote there (block
     ids of the pool, or the zeros of capture), which a decode padding row reads one key of
     and a mixed padding request never reads. So a step uploads [B, P'], not [B_pad, P'].
+    A decode graph's attention starts its requests longest first (``decode_order``), the
+    padding (one key each) last.
     """
     num_tokens, num_reqs = len(input_ids), len(seq_lens)
     assert num_tokens <= key.num_tokens and num_reqs <= key.num_reqs, (key, num_tokens, num_reqs)
@@ -145,16 +148,19 @@ def pad_inputs(key: GraphKey, input_ids: list[int], positions: list[int], slots:
     extra_b = key.num_reqs - num_reqs
     width = max(len(t) for t in tables)
     table_rows = [t + [0] * (width - len(t)) for t in tables]
-    qsl = None
+    qsl = order = None
     if key.mixed:
         qsl = torch.tensor(query_start + [num_tokens] * extra_b, dtype=torch.int32, pin_memory=pin)
+    else:
+        order = torch.tensor(longest_first(seq_lens) + list(range(num_reqs, key.num_reqs)),
+                             dtype=torch.int32, pin_memory=pin)
     return PaddedInputs(
         input_ids=torch.tensor(input_ids + [0] * extra_t, dtype=torch.long, pin_memory=pin),
         positions=torch.tensor(positions + [0] * extra_t, dtype=torch.long, pin_memory=pin),
         slot_mapping=torch.tensor(slots + [-1] * extra_t, dtype=torch.long, pin_memory=pin),
         seq_lens=torch.tensor(seq_lens + [1] * extra_b, dtype=torch.int32, pin_memory=pin),
         block_tables=torch.tensor(table_rows, dtype=torch.int32, pin_memory=pin),
-        query_start_loc=qsl)
+        query_start_loc=qsl, decode_order=order)
 
 
 @dataclass
@@ -192,6 +198,7 @@ class CUDAGraphRunner:
         self.seq_lens = torch.ones(max_b, dtype=torch.int32, device=device)
         self.decode_qsl = torch.arange(max_b + 1, dtype=torch.int32, device=device)
         self.mixed_qsl = torch.zeros(max_b + 1, dtype=torch.int32, device=device)
+        self.decode_order = torch.arange(max_b, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_b, self.max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[GraphKey, _Graph] = {}
         self.mixed_kv_splits = MIXED_KV_SPLITS
@@ -210,7 +217,7 @@ class CUDAGraphRunner:
             query_start_loc=qsl[: b + 1], seq_lens=self.seq_lens[:b],
             block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:t],
             query_start_loc_cpu=[0] * (b + 1) if key.mixed else list(range(b + 1)),
-            seq_lens_cpu=[1] * b)
+            seq_lens_cpu=[1] * b, decode_order=None if key.mixed else self.decode_order[:b])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -226,6 +233,7 @@ class CUDAGraphRunner:
         self.seq_lens.fill_(1)
         self.block_tables.zero_()
         self.positions.zero_()
+        self.decode_order.copy_(torch.arange(len(self.decode_order), device=self.device))
         for key in self.keys:
             # A replay keeps the split-KV factor of its capture: pin one per decode batch
             # size (mixed steps never split: their prefill q-blocks fill the SMs).
@@ -279,6 +287,9 @@ class CUDAGraphRunner:
         if key.mixed:
             assert inputs.query_start_loc is not None
             self.mixed_qsl[: b + 1].copy_(inputs.query_start_loc, non_blocking=True)
+        else:
+            assert inputs.decode_order is not None
+            self.decode_order[:b].copy_(inputs.decode_order, non_blocking=True)
         entry = self.graphs[key]
         entry.graph.replay()
         self.replays["mixed" if key.mixed else "decode"] += 1

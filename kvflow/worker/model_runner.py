@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from kvflow.attention.metadata import AttentionMetadata
+from kvflow.attention.metadata import AttentionMetadata, longest_first
 from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from kvflow.layers.sampler import (Sampler, SamplerOutput, SamplingRow, needs_output_values,
                                    to_device, top_logprobs)
@@ -216,6 +216,8 @@ class ModelRunner:
             slot_mapping=to_device(b.slots, torch.long, dev),
             query_start_loc_cpu=b.query_start,
             seq_lens_cpu=b.seq_lens,
+            decode_order=(to_device(longest_first(b.seq_lens), torch.int32, dev)
+                          if max_query_len == 1 and dev.type == "cuda" else None),
         )
         ids = to_device(b.input_ids, torch.long, dev)
         if fill is not None:

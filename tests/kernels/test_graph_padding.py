@@ -109,7 +109,8 @@ def test_padded_step_matches_unpadded(model_and_cache, q_lens, seq_lens, graph_s
                                                           device=DEVICE),
             seq_lens=on["seq_lens"], block_tables=on["block_tables"],
             slot_mapping=on["slot_mapping"], query_start_loc_cpu=graph_qsl,
-            seq_lens_cpu=padded.seq_lens.tolist())
+            seq_lens_cpu=padded.seq_lens.tolist(),
+            decode_order=None if key.mixed else padded.decode_order.to(DEVICE))
         pad_caches = [c.clone() for c in caches]
         backend.num_kv_splits = graph_splits
         try:
@@ -143,3 +144,35 @@ def test_pad_inputs_layout():
     p = pad_inputs(decode, [1, 2, 3], [5, 6, 7], [5, 6, 7], [0, 1, 2, 3], [6, 7, 8],
                    [[1, 2], [3, 4], [5, 6]], pin=False)
     assert p.query_start_loc is None and p.slot_mapping.tolist() == [5, 6, 7, -1]
+    # Attention programs start longest context first, the padding request (one key) last.
+    assert p.decode_order.tolist() == [2, 1, 0, 3]
+    assert pad_inputs(key, [7, 8, 9, 10, 11], [4, 0, 1, 2, 3], [4, 8, 9, 10, 11], [0, 1, 5],
+                      [5, 4], [[1, 2], [2]], pin=False).decode_order is None  # mixed: batch order
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_triton_backend_matches_torch_backend(checkpoint, family):
+    """The Triton backend takes the layer's rotary into its KV write (one launch: q rotated
+    in place, k on its way into the cache); the torch backend gets q and k rotated by the
+    layer first. Same weights, same step: same hidden states and the same cache."""
+    from kvflow.attention.backends.torch_ref import TorchAttentionBackend
+
+    config = EngineArgs(model=checkpoint(family), dtype="float32",
+                        attention_backend="torch").create_engine_config()
+    mc = config.model_config
+    outputs = []
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        assert backend.fuses_rotary == isinstance(backend, TritonAttentionBackend)
+        model = load_model(mc, ModelContext(dtype=torch.float32, attn_backend=backend), DEVICE)
+        gen = torch.Generator().manual_seed(0)
+        caches = [torch.randn(2, 60, BLOCK, mc.num_kv_heads, mc.head_dim, generator=gen).to(DEVICE)
+                  for _ in range(mc.num_layers)]
+        ids, positions, slots, qsl, lens, tables = _step([1, 7, 5], [20, 16, 5], 100)
+        with torch.inference_mode():
+            hidden = model(torch.tensor(ids, device=DEVICE), torch.tensor(positions, device=DEVICE),
+                           caches, _metadata(len(ids), qsl, lens, tables, slots, 7))
+        outputs.append((hidden, caches))
+    (h_torch, c_torch), (h_triton, c_triton) = outputs
+    torch.testing.assert_close(h_triton, h_torch, atol=1e-5, rtol=1e-5)
+    for got, want in zip(c_triton, c_torch):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

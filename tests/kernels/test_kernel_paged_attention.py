@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvflow.attention.metadata import longest_first
 from kvflow.kernels import ref
 from kvflow.kernels.paged_attention import (
     PagedAttentionConfig,
@@ -36,6 +37,9 @@ def check(batch, tol, *, sliding_window=None, alibi_slopes=None, scale=None, **k
     scale = batch.q.shape[-1] ** -0.5 if scale is None else scale
     common = dict(scale=scale, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
                   sliding_window=sliding_window, alibi_slopes=alibi_slopes)
+    # At these tiny shapes let every split take a partition of its own (production keeps
+    # >= SPLIT_MIN_KEYS keys a partition: test_split_min_keys covers that).
+    kwargs.setdefault("split_min_keys", 0)
     out = paged_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens,
                           batch.block_tables, **common, **kwargs)
     expected = ref.paged_attention(batch.q.float(), batch.kv_cache_ref.float(), batch.query_start_loc,
@@ -113,6 +117,44 @@ def test_split_kv_decode(paged_batch, tol, dtype, heads, num_kv_splits):
     batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=heads[0], num_kv_heads=heads[1],
                         head_size=32, block_size=16, dtype=dtype)
     check(batch, tol, config=SMALL, num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize("order", ["longest_first", "reversed", "shuffled"])
+def test_decode_order(paged_batch, tol, device, num_kv_splits, order):
+    """The launch order of a decode step's programs changes no output row."""
+    seq_lens = [5, 70, 17, 1, 33, 16, 48]
+    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=8, num_kv_heads=2,
+                        head_size=16, block_size=16, dtype=torch.float32)
+    perm = {"longest_first": longest_first(seq_lens),
+            "reversed": list(range(len(seq_lens)))[::-1],
+            "shuffled": torch.randperm(len(seq_lens), generator=torch.Generator().manual_seed(1)).tolist()}[order]
+    if order == "longest_first":
+        assert [seq_lens[i] for i in perm] == sorted(seq_lens, reverse=True)
+    decode_order = torch.tensor(perm, dtype=torch.int32, device=device)
+    out = check(batch, tol, config=SMALL, num_kv_splits=num_kv_splits, decode_order=decode_order)
+    plain = check(batch, tol, config=SMALL, num_kv_splits=num_kv_splits)
+    assert torch.equal(out, plain)  # each program computes the same thing wherever it starts
+
+
+def test_decode_order_is_checked(paged_batch, device):
+    batch = paged_batch([1, 1], [5, 9], num_heads=4, num_kv_heads=2, head_size=16,
+                        block_size=16, dtype=torch.float32)
+    with pytest.raises(AssertionError, match="decode_order must be int32"):
+        check(batch, None, decode_order=torch.tensor([1, 0, 2], dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("split_min_keys", [32, 48, 64, 1000])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+def test_split_min_keys(paged_batch, tol, split_min_keys, heads):
+    """A graph pins 8 splits; requests too short for 8 partitions of split_min_keys keys
+    (tiles of 16) use fewer, longer ones, the rest write empty partials."""
+    seq_lens = [1, 16, 17, 50, 80, 200]
+    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=heads[0], num_kv_heads=heads[1],
+                        head_size=32, block_size=16, dtype=torch.float32)
+    out = check(batch, tol, config=SMALL, num_kv_splits=8, split_min_keys=split_min_keys)
+    every = check(batch, tol, config=SMALL, num_kv_splits=8, split_min_keys=0)
+    torch.testing.assert_close(out, every, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv_splits", [2, 5])

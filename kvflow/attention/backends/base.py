@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from kvflow.attention.metadata import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class RotaryInput:
+    """A layer's rotary embedding handed to a backend that applies it inside its KV write
+    (``fuses_rotary``): ``kvflow.kernels.rotary.apply_rotary``'s arguments."""
+
+    positions: torch.Tensor
+    """int64 [T]: each token's position."""
+    cos_sin_cache: torch.Tensor
+    """[max_pos, R]: cos | sin halves of each position (R = rotary dims, even, <= D)."""
+    is_neox: bool
+    """NeoX pairs dim i with i + R/2; GPT-J pairs 2i with 2i + 1."""
 
 
 class BaseAttentionBackend(ABC):
@@ -21,6 +35,9 @@ class BaseAttentionBackend(ABC):
     ``h // (H // Hkv)`` (GQA/MQA). ``scale`` multiplies q·k.
     """
 
+    fuses_rotary: bool = False
+    """Whether ``forward`` takes ``rotary`` (else the caller rotates q and k first)."""
+
     @abstractmethod
     def forward(
         self,
@@ -33,8 +50,10 @@ class BaseAttentionBackend(ABC):
         scale: float,
         sliding_window: Optional[int] = None,
         alibi_slopes: Optional[torch.Tensor] = None,  # float32 [H]
+        rotary: Optional[RotaryInput] = None,
     ) -> torch.Tensor:  # [T, H, D]
-        """Stores k/v at ``metadata.slot_mapping`` then returns the attention output."""
+        """Stores k/v at ``metadata.slot_mapping`` then returns the attention output;
+        with ``rotary`` (``fuses_rotary`` backends only) q and k are rotated first."""
 
 
 def create_attention_backend(name: str) -> BaseAttentionBackend:

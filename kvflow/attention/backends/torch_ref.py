@@ -119,7 +119,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
     """Plain torch: the whole batch padded at once when small, else a loop over requests."""
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, *, scale,
-                sliding_window=None, alibi_slopes=None):
+                sliding_window=None, alibi_slopes=None, rotary=None):
+        assert rotary is None, "the torch backend does not fuse rotary: rotate q and k first"
         write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
         padded_size = metadata.num_reqs * q.shape[1] * metadata.max_query_len * metadata.max_seq_len
         if padded_size <= _PADDED_LIMIT:
