@@ -118,14 +118,13 @@ class PagedInputs:
 
     def call(self, config: Optional[PagedAttentionConfig] = None,
              num_kv_splits: Optional[int] = None,
-             decode_order: Optional[torch.Tensor] = None,
-             split_min_keys: Optional[int] = None) -> Callable[[], None]:
+             decode_order: Optional[torch.Tensor] = None) -> Callable[[], None]:
         def run():
             paged_attention(self.q, self.kv_cache, self.query_start_loc, self.seq_lens,
                             self.block_tables, scale=HEAD_SIZE ** -0.5,
                             max_query_len=self.max_query_len, max_seq_len=self.max_seq_len,
                             num_kv_splits=num_kv_splits, config=config, out=self.out,
-                            decode_order=decode_order, split_min_keys=split_min_keys)
+                            decode_order=decode_order)
         return run
 
 
@@ -202,6 +201,30 @@ def bench_decode(dtype, batches, contexts, copy_bw, budget, tune: bool) -> None:
             sys.stdout.flush()
 
 
+def bench_splits(dtype, batches, contexts, split_counts: list[int], copy_bw, budget) -> None:
+    """Decode with the split count pinned, as a CUDA graph replays it whatever the context:
+    us per call for each count, next to the graphs' choice (``graph_num_kv_splits``)."""
+    print(f"\n### Decode by pinned split count (GQA {NUM_HEADS}/{NUM_KV_HEADS}, head {HEAD_SIZE})\n")
+    print("| batch | context | graph's splits | " + " | ".join(f"{n} splits us" for n in split_counts)
+          + " | best % copy |")
+    print("|---|---|---|" + "---|" * (len(split_counts) + 1))
+    elt = torch.finfo(dtype).bits // 8
+    for batch in batches:
+        for ctx in contexts:
+            kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_SIZE * elt
+            moved = kv_bytes + 2 * batch * NUM_HEADS * HEAD_SIZE * elt
+            num_layers = layers_for(kv_bytes, budget)
+            layers = [PagedInputs([1] * batch, [ctx] * batch, dtype) for _ in range(num_layers)]
+            graph = graph_num_kv_splits(batch, NUM_KV_HEADS, num_sms(layers[0].q.device))
+            times = [time_graph(lambda i: layers[i].call(num_kv_splits=n), num_layers)[0]
+                     for n in split_counts]
+            print(f"| {batch} | {ctx} | {graph} | " + " | ".join(f"{t * 1e6:.1f}" for t in times)
+                  + f" | {100 * moved / min(times) / copy_bw:.0f}% |")
+            sys.stdout.flush()
+            layers = None
+            torch.cuda.empty_cache()
+
+
 def bench_ragged(dtype, batches, lo: int, hi: int, copy_bw, budget) -> None:
     """Decode at context lengths drawn uniformly from [lo, hi] (T1's decode steps: prompts
     100..1,024 plus up to 256 generated): batch order against longest first."""
@@ -227,35 +250,6 @@ def bench_ragged(dtype, batches, lo: int, hi: int, copy_bw, budget) -> None:
             sys.stdout.flush()
         layers = None
         torch.cuda.empty_cache()
-
-
-def bench_graph_splits(dtype, batches, contexts, copy_bw, budget) -> None:
-    """Decode as a CUDA graph runs it: the split count pinned per batch size at capture
-    (``graph_num_kv_splits``) whatever the context, each partition at least
-    ``split_min_keys`` keys (0: every split takes a partition, as before)."""
-    minimums = (0, 128, 256, 512)
-    print(f"\n### Decode at the graphs' pinned split counts (GQA {NUM_HEADS}/{NUM_KV_HEADS}, "
-          f"head {HEAD_SIZE}): us per call by split_min_keys\n")
-    print("| batch | context | splits | " + " | ".join(f"min {m} keys" for m in minimums)
-          + " | best % copy |")
-    print("|---|---|---|" + "---|" * (len(minimums) + 1))
-    elt = torch.finfo(dtype).bits // 8
-    for batch in batches:
-        for ctx in contexts:
-            kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_SIZE * elt
-            moved = kv_bytes + 2 * batch * NUM_HEADS * HEAD_SIZE * elt
-            num_layers = layers_for(kv_bytes, budget)
-            layers = [PagedInputs([1] * batch, [ctx] * batch, dtype) for _ in range(num_layers)]
-            splits = graph_num_kv_splits(batch, NUM_KV_HEADS, num_sms(layers[0].q.device))
-            times = [time_graph(lambda i: layers[i].call(num_kv_splits=splits,
-                                                         split_min_keys=m), num_layers)[0]
-                     for m in minimums]
-            print(f"| {batch} | {ctx} | {splits} | "
-                  + " | ".join(f"{t * 1e6:.1f}" for t in times)
-                  + f" | {100 * moved / min(times) / copy_bw:.0f}% |")
-            sys.stdout.flush()
-            layers = None
-            torch.cuda.empty_cache()
 
 
 def causal_flops(q_lens: list[int], seq_lens: list[int]) -> float:
@@ -339,9 +333,8 @@ def main() -> None:
     parser.add_argument("--ragged", default=None, metavar="LO-HI",
                         help="instead: decode batches at contexts uniform in [LO, HI], "
                              "batch order against longest first")
-    parser.add_argument("--graph-splits", action="store_true",
-                        help="instead: decode at the CUDA graphs' pinned split counts, by "
-                             "split_min_keys")
+    parser.add_argument("--splits", default=None, metavar="N,N,...",
+                        help="instead: decode with each split count pinned (as CUDA graphs)")
     parser.add_argument("--kv-heads", type=int, default=NUM_KV_HEADS,
                         help="KV heads (32 query heads): 8 = Llama-3-8B, 32 = Llama-2-7B")
     parser.add_argument("--budget-gib", type=float, default=16.0,
@@ -369,8 +362,9 @@ def main() -> None:
         batches, contexts = [1, 4, 16, 64, 256], [128, 512, 2048, 8192, 32768]
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else contexts
-    if args.graph_splits:
-        bench_graph_splits(dtype, batches, contexts, copy_bw, budget)
+    if args.splits:
+        bench_splits(dtype, batches, contexts, [int(n) for n in args.splits.split(",")],
+                     copy_bw, budget)
         return
     if args.ragged:
         lo, hi = (int(v) for v in args.ragged.split("-"))

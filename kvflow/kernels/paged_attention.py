@@ -43,10 +43,6 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
-SPLIT_MIN_KEYS = 256
-"""Fewest keys a split-KV partition takes (``choose_num_kv_splits`` splits by the same
-rule; the kernel applies it per request, so CUDA graphs pinned to a split count do too)."""
-
 
 @dataclass(frozen=True)
 class PagedAttentionConfig:
@@ -95,8 +91,7 @@ def choose_num_kv_splits(num_reqs: int, num_kv_heads: int, max_query_len: int, m
     """How many partitions of the key range: > 1 only where B * Hkv programs leave SMs idle.
 
     Only decode-only batches are split: prefill q-blocks already give enough programs.
-    A partition keeps at least SPLIT_MIN_KEYS keys so its fixed cost (Q load, partial
-    write) stays small.
+    A partition keeps at least 256 keys so its fixed cost (Q load, partial write) stays small.
     """
     if max_query_len != 1 or device.type != "cuda":
         return 1
@@ -104,23 +99,26 @@ def choose_num_kv_splits(num_reqs: int, num_kv_heads: int, max_query_len: int, m
     num_programs = num_reqs * num_kv_heads
     if num_programs >= 2 * num_sms:
         return 1
-    return max(1, min(triton.cdiv(4 * num_sms, num_programs),
-                      triton.cdiv(max_seq_len, SPLIT_MIN_KEYS), 64))
+    return max(1, min(triton.cdiv(4 * num_sms, num_programs), triton.cdiv(max_seq_len, 256), 64))
 
 
 def graph_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """The split count a CUDA graph of ``batch_size`` decodes is captured with.
 
     A graph serves every context length, so unlike ``choose_num_kv_splits`` this
-    cannot look at the lengths: split only where B * Hkv programs leave SMs
-    idle, at most 8 ways (a replay at a short context then still gives each
-    partition a few tiles). Large batches get 1: splitting them shortens every
-    program's loop and adds a reduce pass for nothing (T1 in benchmarks/RESULTS.md).
+    cannot look at the lengths: split only where B * Hkv programs leave SMs idle, 8
+    ways, or up to 32 where that still leaves fewer than two programs per SM (batch 1-4
+    of GQA-8 models). Measured on the H100 with the count pinned (bench_attention.py
+    --splits, benchmarks/RESULTS.md fifth session), batch 1 x 8 KV heads: 32 splits
+    cost 0.4 us more than 8 at 512 keys and save 15 us at 8k keys, 61 us at 32k; a
+    partition of one tile, or none, costs little. Large batches get 1: splitting them
+    shortens every program's loop and adds a reduce pass for nothing (T1).
     """
     num_programs = batch_size * num_kv_heads
     if num_programs >= 2 * num_sms:
         return 1
-    return max(1, min(triton.cdiv(4 * num_sms, num_programs), 8))
+    cap = max(8, min(32, triton.cdiv(2 * num_sms, num_programs)))
+    return max(1, min(triton.cdiv(4 * num_sms, num_programs), cap))
 
 
 def num_sms(device: torch.device) -> int:
@@ -198,13 +196,12 @@ def _attend_tile(
 # Run-time ints that vary step to step are not specialised (Triton compiles a variant for
 # an int equal to 1 and one for a multiple of 16): an eager step of a new batch size would
 # otherwise compile mid-serving. Only tile choices (constexprs) make variants.
-@triton.jit(do_not_specialize=["sliding_window", "num_reqs", "num_heads", "num_splits",
-                               "min_split_tiles"])
+@triton.jit(do_not_specialize=["sliding_window", "num_reqs", "num_heads", "num_splits"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, alibi_slopes_ptr, order_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    scale_log2, sliding_window, num_reqs, num_heads, num_kv_heads, num_splits, min_split_tiles,
+    scale_log2, sliding_window, num_reqs, num_heads, num_kv_heads, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cn, stride_cs, stride_ch, stride_bt,
     NUM_QUERIES_PER_KV: tl.constexpr,
@@ -231,9 +228,9 @@ def _paged_attention_kernel(
     last, partial q-block, so the grid needs no host-side count of blocks per request.
     Programs with no query row to compute exit at once. Launch order: ``order[i]`` with
     HAS_ORDER (decode-only launches, heaviest request first), else last q-block to first.
-    Split s of a q-block handles the s-th of its equal runs of key tiles: ``num_splits``
-    runs, fewer where that would leave a run under ``min_split_tiles`` tiles (splits past
-    the last run write an empty partial).
+    Split s of a q-block handles the s-th of ``num_splits`` equal runs of its key tiles
+    (as many as there are tiles: one tile each beats fewer, longer runs at every short
+    context measured, benchmarks/RESULTS.md fifth session).
 
     Constexprs:
       NUM_QUERIES_PER_KV: G = H // Hkv.
@@ -325,10 +322,7 @@ def _paged_attention_kernel(
         kv_lo = 0
         t_lo = 0
         n_full = (p_min + 1) // TILE_N
-    # A CUDA graph pins num_splits for every context length: at short contexts the runs
-    # would be a tile or two each, all latency. Keep runs of >= min_split_tiles tiles.
-    runs = tl.maximum(tl.minimum(num_splits, (n_total - t_lo) // min_split_tiles), 1)
-    tiles_per_split = tl.cdiv(n_total - t_lo, runs)
+    tiles_per_split = tl.cdiv(n_total - t_lo, num_splits)
     s_lo = t_lo + split * tiles_per_split
     s_hi = tl.minimum(s_lo + tiles_per_split, n_total)
 
@@ -415,7 +409,6 @@ def paged_attention(
     config: Optional[PagedAttentionConfig] = None,
     out: Optional[torch.Tensor] = None,  # [T, H, D]
     decode_order: Optional[torch.Tensor] = None,  # int32 [T]
-    split_min_keys: Optional[int] = None,
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each request's new tokens over its paged context.
 
@@ -433,10 +426,6 @@ def paged_attention(
     start. It changes no result, only the makespan: in a batch of mixed lengths the
     long requests started last otherwise run alone at the end of the launch while the
     SMs around them idle. Ignored for steps with longer queries.
-
-    ``split_min_keys`` (None: ``SPLIT_MIN_KEYS``): a split partition keeps at least this
-    many keys (rounded down to tiles), so a graph captured with 8 splits reads a 512-key
-    context in 2 partitions, not 8 of one tile each.
     """
     assert q.dim() == 3, f"q must be [T, H, D], got {tuple(q.shape)}"
     assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, (
@@ -505,8 +494,6 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     assert k_cache.stride() == v_cache.stride()
 
-    min_keys = SPLIT_MIN_KEYS if split_min_keys is None else split_min_keys
-    min_split_tiles = max(1, min_keys // config.tile_n)
     _paged_attention_kernel[(num_q_blocks * num_kv_heads, 1, num_kv_splits)](
         out, q, k_cache, v_cache,
         block_tables, seq_lens, query_start_loc,
@@ -514,7 +501,7 @@ def paged_attention(
         decode_order if has_order else query_start_loc,
         part_acc, part_m, part_l,
         scale * _LOG2E, sliding_window if sliding_window is not None else 0,
-        num_reqs, num_heads, num_kv_heads, num_kv_splits, min_split_tiles,
+        num_reqs, num_heads, num_kv_heads, num_kv_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_QUERIES_PER_KV=group,

@@ -17,15 +17,17 @@ def test_capture_sizes_cover_every_batch(max_num_seqs):
 
 def test_graph_split_kv_factor_falls_with_batch_size():
     """Graphs of large batches are captured without split-KV (each program keeps a long
-    loop); small ones split up to 8 ways so a lone decode still fills the SMs."""
+    loop); small ones split 8 ways, up to 32 while that leaves < 2 programs per SM, so a
+    lone decode at a long context still fills the SMs."""
     from kvflow.kernels.paged_attention import graph_num_kv_splits
 
     h100 = 132
     splits = [graph_num_kv_splits(bs, 8, h100) for bs in capture_sizes(256)]
-    assert splits[0] == 8 and splits[-1] == 1
+    assert splits[:5] == [32, 17, 9, 8, 5] and splits[-1] == 1  # batch 1, 2, 4, 8, 16
     assert all(a >= b for a, b in zip(splits, splits[1:]))
     assert graph_num_kv_splits(64, 8, h100) == 1  # 512 programs fill 132 SMs twice
-    assert graph_num_kv_splits(1, 32, h100) == 8  # MHA at batch 1: 32 programs, 4 waves short
+    assert graph_num_kv_splits(1, 32, h100) == 9  # MHA at batch 1: 32 programs, 4 waves short
+    assert graph_num_kv_splits(1, 1, h100) == 32  # MQA: capped
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [4, 8, 100, 512, 2048, 8192])

@@ -37,9 +37,6 @@ def check(batch, tol, *, sliding_window=None, alibi_slopes=None, scale=None, **k
     scale = batch.q.shape[-1] ** -0.5 if scale is None else scale
     common = dict(scale=scale, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
                   sliding_window=sliding_window, alibi_slopes=alibi_slopes)
-    # At these tiny shapes let every split take a partition of its own (production keeps
-    # >= SPLIT_MIN_KEYS keys a partition: test_split_min_keys covers that).
-    kwargs.setdefault("split_min_keys", 0)
     out = paged_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens,
                           batch.block_tables, **common, **kwargs)
     expected = ref.paged_attention(batch.q.float(), batch.kv_cache_ref.float(), batch.query_start_loc,
@@ -142,19 +139,6 @@ def test_decode_order_is_checked(paged_batch, device):
                         block_size=16, dtype=torch.float32)
     with pytest.raises(AssertionError, match="decode_order must be int32"):
         check(batch, None, decode_order=torch.tensor([1, 0, 2], dtype=torch.int32, device=device))
-
-
-@pytest.mark.parametrize("split_min_keys", [32, 48, 64, 1000])
-@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
-def test_split_min_keys(paged_batch, tol, split_min_keys, heads):
-    """A graph pins 8 splits; requests too short for 8 partitions of split_min_keys keys
-    (tiles of 16) use fewer, longer ones, the rest write empty partials."""
-    seq_lens = [1, 16, 17, 50, 80, 200]
-    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=heads[0], num_kv_heads=heads[1],
-                        head_size=32, block_size=16, dtype=torch.float32)
-    out = check(batch, tol, config=SMALL, num_kv_splits=8, split_min_keys=split_min_keys)
-    every = check(batch, tol, config=SMALL, num_kv_splits=8, split_min_keys=0)
-    torch.testing.assert_close(out, every, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv_splits", [2, 5])
