@@ -169,7 +169,7 @@ class MptAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.has_qk_ln:
             q, k = self.q_ln(q), self.k_ln(k)
-        out = self.attn(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, metadata)
+        out = self.attn(q, k, v, kv_cache, metadata)  # strided views of qkv: no copies
         return self.out_proj(out)
 
 
