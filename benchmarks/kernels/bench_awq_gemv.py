@@ -1,6 +1,7 @@
 """The K-packed AWQ int4 GEMV (``kvflow.kernels.awq_gemv``) against tinygemm, per Llama-3-8B linear.
 
     python benchmarks/kernels/bench_awq_gemv.py [--sweep] [--tokens 1,2,4] [--json PATH]
+                                                [--model llama3-8b|llama2-7b]
     TRITON_INTERPRET=1 python benchmarks/kernels/bench_awq_gemv.py --smoke   # CPU dry run
 
 For qkv, o, gate_up and down (group 128) at each M it times, per call inside a CUDA
@@ -32,21 +33,34 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_gemv as bg  # noqa: E402  (timing, inputs and failure bookkeeping)
 
-SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
-          ("down", 4096, 14336)]
+MODEL_SHAPES = {  # (name, N, K) of the four linears a layer
+    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+                  ("down", 4096, 14336)],
+    "llama2-7b": [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096),
+                  ("down", 4096, 11008)],
+}
 SMOKE_SHAPES = [("a", 96, 512), ("b", 40, 384)]
 GROUP = 128
 TOL = 1.6e-2  # of max |reference|: one bf16 rounding of the output, with margin
 
 
 def candidates():
-    """(block_n, block_k, num_warps, num_stages) x splits of the sweep."""
+    """(block_n, block_k, num_warps, num_stages) x splits of the sweep.
+
+    The first tiles walk long K runs (a few splits); the second set is the opposite
+    regime -- many short programs, one or two K steps each, for memory-level
+    parallelism over per-program work (the shape of GemLite's batch-1 "RevSplitK"
+    GEMV; here the splits are still summed in a fixed order, not by float atomics)."""
     from kvflow.kernels.awq_gemv import AWQGemvConfig
 
-    tiles = [(16, 1024, 4, 3), (16, 1024, 4, 4), (16, 1024, 4, 2), (16, 2048, 8, 3),
-             (32, 1024, 8, 3), (8, 1024, 2, 3), (64, 256, 4, 3), (32, 512, 4, 3)]
-    return [AWQGemvConfig(bn, bk, split, warps, stages)
-            for bn, bk, warps, stages in tiles for split in (1, 2, 4)]
+    long_k = [(16, 1024, 4, 3), (16, 1024, 4, 4), (16, 1024, 4, 2), (16, 2048, 8, 3),
+              (32, 1024, 8, 3), (8, 1024, 2, 3), (64, 256, 4, 3), (32, 512, 4, 3)]
+    short_k = [(16, 128, 2, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 2, 2),
+               (32, 256, 4, 2), (64, 256, 8, 2)]
+    return ([AWQGemvConfig(bn, bk, split, warps, stages)
+             for bn, bk, warps, stages in long_k for split in (1, 2, 4)]
+            + [AWQGemvConfig(bn, bk, split, warps, stages)
+               for bn, bk, warps, stages in short_k for split in (8, 16, 32)])
 
 
 def _warm(jobs: list[tuple[int, dict]]) -> int:
@@ -156,11 +170,13 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep ahead")
     ap.add_argument("--smoke", action="store_true", help="toy shapes on CPU (interpreter)")
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_SHAPES),
+                    help="whose four linears to time")
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(","))
     if args.smoke or not torch.cuda.is_available():
         bg.DEVICE = "cpu"
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = SMOKE_SHAPES if args.smoke else MODEL_SHAPES[args.model]
     copy_tbs = bg.copy_bandwidth_tbs()
     if bg.DEVICE == "cuda":
         print(torch.cuda.get_device_name(), f"copy {copy_tbs:.2f} TB/s", flush=True)

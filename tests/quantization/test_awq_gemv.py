@@ -69,6 +69,8 @@ def test_gemv_matches_reference(shape, dtype):
 @pytest.mark.parametrize("config", [
     kernels.AWQGemvConfig(block_n=16, block_k=128, split_k=2, num_warps=4, num_stages=2),
     kernels.AWQGemvConfig(block_n=8, block_k=256, split_k=4, num_warps=2, num_stages=1),
+    # The short-K regime of bench_awq_gemv's sweep: one step a program, 8 splits summed.
+    kernels.AWQGemvConfig(block_n=32, block_k=128, split_k=32, num_warps=4, num_stages=1),
 ])
 def test_gemv_splits_and_bias(config):
     num_in, num_out, group = 1024, 72, 64
