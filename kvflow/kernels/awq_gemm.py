@@ -77,6 +77,16 @@ def _mantissas(packed, ROWS: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _packed_columns(pid_n, N, BLOCK_N: tl.constexpr):
+    """Tile ``pid_n``'s output columns and their int32 columns of qweight/qzeros (eight
+    columns each), with the masks past N: (offs_n [BN], offs_pn [BN/8], mask_n, mask_pn)."""
+    PACKED_N: tl.constexpr = BLOCK_N // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
+    return offs_n, offs_pn, offs_n < N, offs_pn < N // 8
+
+
+@triton.jit
 def _exact_float(codes):
     """int32 codes in 0..15 -> the same values in float32, without an int->float
     conversion (a quarter-rate instruction on the GPU): ``code | 0x4B000000`` is
@@ -175,11 +185,8 @@ def _awq_gemm_kernel(
     PACKED_N: tl.constexpr = BLOCK_N // 8
     packed_n = N // 8
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
     mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_pn = offs_pn < packed_n
+    offs_n, offs_pn, mask_n, mask_pn = _packed_columns(pid_n, N, BLOCK_N)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -224,11 +231,9 @@ def _awq_dequantize_kernel(
     PACKED_N: tl.constexpr = BLOCK_N // 8
     packed_n = N // 8
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_pn = pid_n * PACKED_N + tl.arange(0, PACKED_N)
     mask_k = offs_k < K
-    mask_n = offs_n < N
-    mask_kp = mask_k[:, None] & (offs_pn < packed_n)[None, :]
+    offs_n, offs_pn, mask_n, mask_pn = _packed_columns(pid_n, N, BLOCK_N)
+    mask_kp = mask_k[:, None] & mask_pn[None, :]
     groups = offs_k // group_size  # [BK]
     q = tl.load(qweight_ptr + offs_k[:, None].to(tl.int64) * packed_n + offs_pn[None, :],
                 mask=mask_kp, other=0)  # [BK, BN/8]
