@@ -164,6 +164,21 @@ def kvflow_greedy(llm: Any, prompts: list[list[int]], new_tokens: int) -> list[l
     return [o.outputs[0].token_ids for o in outs]
 
 
+def check_greedy_twice(llm: Any, prompts: list[list[int]], expected: list[list[int]],
+                       new_tokens: int, min_cached: int) -> None:
+    """Greedy tokens equal ``expected`` on a fresh engine, then again when the prompts hit
+    the prefix cache (the last one with at least ``min_cached`` cached tokens); no block
+    is leaked."""
+    from kvflow import SamplingParams
+
+    assert kvflow_greedy(llm, prompts, new_tokens) == expected
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert outs[-1].num_cached_tokens >= min_cached
+    llm.llm_engine.scheduler.check_integrity()
+
+
 def greedy_references(root: Callable[[str], Any], tokenizer_dir: str,
                       make_config: Callable[[str], Any], prompts: list[list[int]],
                       new_tokens: int) -> Callable[[str], tuple[str, list, list]]:
