@@ -126,14 +126,21 @@ def _created(fast: list[str]) -> int:
     return json.loads(fast[0])["created"]
 
 
-# ---------------------------------------------------------------------------- completions
-def _completion_chunk(fast: list[str], choices: list[CompletionResponseChoice],
-                      usage: Optional[UsageInfo] = None) -> CompletionStreamResponse:
-    chunk = CompletionStreamResponse(id="cmpl-1", object="text_completion",
-                                     created=_created(fast), model="m", choices=choices)
+def _reference_chunk(cls: type, chunk_id: str, obj: str, fast: list[str], choices: list,
+                     usage: Optional[UsageInfo]) -> Any:
+    """The pydantic chunk the fast writer's JSON must equal (``usage`` set only if given,
+    as ``exclude_unset`` then leaves it out)."""
+    chunk = cls(id=chunk_id, object=obj, created=_created(fast), model="m", choices=choices)
     if usage is not None:
         chunk.usage = usage
     return chunk
+
+
+# ---------------------------------------------------------------------------- completions
+def _completion_chunk(fast: list[str], choices: list[CompletionResponseChoice],
+                      usage: Optional[UsageInfo] = None) -> CompletionStreamResponse:
+    return _reference_chunk(CompletionStreamResponse, "cmpl-1", "text_completion", fast,
+                            choices, usage)
 
 
 def _usage(num_generated: int) -> UsageInfo:
@@ -213,11 +220,8 @@ def test_completion_echo_logprobs_starts_with_the_prompt():
 # ---------------------------------------------------------------------------- chat
 def _chat_chunk(fast: list[str], choices: list[ChatCompletionStreamChoice],
                 usage: Optional[UsageInfo] = None) -> ChatCompletionStreamResponse:
-    chunk = ChatCompletionStreamResponse(id="chatcmpl-1", object="chat.completion.chunk",
-                                         created=_created(fast), model="m", choices=choices)
-    if usage is not None:
-        chunk.usage = usage
-    return chunk
+    return _reference_chunk(ChatCompletionStreamResponse, "chatcmpl-1", "chat.completion.chunk",
+                            fast, choices, usage)
 
 
 def _chat_logprobs(comp: CompletionOutput, num_top: int) -> ChatCompletionLogProbs:
