@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvflow.attention.backends.base import BaseAttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
@@ -113,10 +115,13 @@ def padded_attention(
         slopes = alibi_slopes.float().view(1, num_kv_heads, group, 1, 1)
         mask = (slopes * rel[:, None, None]).masked_fill(~mask, float("-inf"))  # [B, Hkv, G, Lq, C]
     mask = mask.reshape(num_reqs, mask.shape[1], group * max_q, ctx)
-    # Padded query rows allow no key (their output is never read).
-    out = F.scaled_dot_product_attention(q_rows, keys.transpose(1, 2).float(),
-                                         values.transpose(1, 2).float(), attn_mask=mask,
-                                         scale=scale)  # [B, Hkv, G * Lq, D]
+    # Padded query rows allow no key (their output is never read). On a GPU this backend
+    # is the kernels' oracle: keep SDPA to its plain float32 math there (the fused
+    # float32 kernels may round through TF32).
+    with contextlib.nullcontext() if q.device.type == "cpu" else sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q_rows, keys.transpose(1, 2).float(),
+                                             values.transpose(1, 2).float(), attn_mask=mask,
+                                             scale=scale)  # [B, Hkv, G * Lq, D]
     out = (out.view(num_reqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
            .reshape(num_reqs, max_q, num_heads, head_dim))
     return out[req_of_token, idx_in_req].to(q.dtype)
