@@ -125,7 +125,6 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-
 @triton.jit
 def _dot(a, b, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
     # float32 inputs use exact IEEE products (TF32 would miss the 1e-4 tolerance).
@@ -422,10 +421,11 @@ def paged_attention(
     unwritten. Scratch for the split path is allocated per call (caching allocator).
 
     ``decode_order`` (decode-only steps, one token per request, so T == B): a permutation
-    of the requests, longest context first (``kvflow.attention.metadata.longest_first``), in which their programs
-    start. It changes no result, only the makespan: in a batch of mixed lengths the
-    long requests started last otherwise run alone at the end of the launch while the
-    SMs around them idle. Ignored for steps with longer queries.
+    of the requests in which their programs start, longest context first
+    (``kvflow.attention.metadata.longest_first``). It changes no result, only the
+    makespan: in a batch of mixed lengths the long requests started last otherwise run
+    alone at the end of the launch while the SMs around them idle. Ignored for steps with
+    longer queries.
     """
     assert q.dim() == 3, f"q must be [T, H, D], got {tuple(q.shape)}"
     assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, (
