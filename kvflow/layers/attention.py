@@ -51,7 +51,6 @@ class Attention(nn.Module):
                 fused = RotaryInput(positions, embedding.cos_sin_cache, embedding.is_neox_style)
             else:
                 q, k = embedding(positions, q, k)
-        kwargs = {} if fused is None else {"rotary": fused}
         out = self.backend.forward(
             q, k,
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
@@ -60,6 +59,6 @@ class Attention(nn.Module):
             scale=self.scale,
             sliding_window=self.sliding_window,
             alibi_slopes=self.alibi_slopes,
-            **kwargs,
+            rotary=fused,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
