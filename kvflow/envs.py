@@ -40,6 +40,17 @@ def logging_level() -> str:
     return os.environ.get("KVFLOW_LOGGING_LEVEL", "INFO").upper()
 
 
+def pdl_enabled() -> bool:
+    """Whether kvflow's decode-path Triton kernels launch with programmatic dependent
+    launch on Hopper GPUs (KVFLOW_PDL=1; default 0). See ``kvflow.kernels.pdl``."""
+    raw = os.environ.get("KVFLOW_PDL", "").strip()
+    if raw in ("", "0"):
+        return False
+    if raw == "1":
+        return True
+    raise ValueError(f"KVFLOW_PDL={raw!r} must be 0 or 1.")
+
+
 AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv")
 
 

@@ -10,11 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels import pdl
+
 
 @triton.jit
 def _silu_and_mul_kernel(
     out_ptr, x_ptr, inter_size, stride_x, stride_o,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[t, i] = silu(x[t, i]) * x[t, I + i].
 
@@ -22,10 +25,12 @@ def _silu_and_mul_kernel(
 
     Constexprs:
       BLOCK: columns per program (power of two); columns >= I are masked.
+      USE_PDL: launched with ``kvflow.kernels.pdl.launch_options``.
 
     silu is computed in float32 and rounded to the input dtype before the product,
     which is rounded again: the two roundings of torch's ``F.silu(a) * b`` in half precision.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter_size
@@ -45,9 +50,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0 or inter_size == 0:
         return out
     block = min(1024, triton.next_power_of_2(inter_size))
+    options = pdl.launch_options(x.device)
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(inter_size, block))](
         out, x, inter_size, x.stride(0), out.stride(0),
         BLOCK=block,
+        USE_PDL=bool(options),
         num_warps=4 if block >= 512 else 1,
+        **options,
     )
     return out

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels import pdl
 from kvflow.kernels.gemv import k_split, split_k_epilogue, sum_splits
 
 MAX_TOKENS = 4
@@ -68,6 +69,7 @@ def _awq_gemv_kernel(
     N, K, words_per_row, k_per_split, words_per_split, num_groups, stride_xm, one_bits,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """y[:, tile] over K range [s * k_per_split, + k_per_split) of program (n, s).
 
@@ -83,7 +85,9 @@ def _awq_gemv_kernel(
       HAS_BIAS, IS_SPLIT: as in ``kvflow.kernels.gemv.split_k_epilogue``.
       NUM_STAGES: steps in flight (cp.async); Triton pipelines a loop without tl.dot
         only when asked.
+      USE_PDL: launched with ``kvflow.kernels.pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     CHUNK: tl.constexpr = BLOCK_K if GROUP == 0 else GROUP
@@ -234,6 +238,7 @@ def awq_gemv(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Tensor, g
     partial = torch.empty(num_splits if is_split else 0, num_tokens, num_out,
                           dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
+    options = pdl.launch_options(x.device)
     _awq_gemv_kernel[grid](
         x, words, scales_zeros, bias if bias is not None else out, out, partial,
         num_out, num_in, num_in // 8, per_split, per_split // 8, num_in // group_size,
@@ -241,7 +246,8 @@ def awq_gemv(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Tensor, g
         M=num_tokens, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         GROUP=0 if is_one_group else group_size,
         HAS_BIAS=bias is not None and not is_split, IS_SPLIT=is_split,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, USE_PDL=bool(options), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **options)
     if is_split:
         sum_splits(partial, bias, out)
     return out

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels import pdl
+
 MAX_TOKENS = 64
 """The kernel holds all tokens of a batch in one program (tl.dot tiles of up to 64 rows);
 larger batches belong to cuBLAS. ``linear()`` decides per token count which one runs."""
@@ -68,7 +70,7 @@ def _gemv_kernel(
     stride_xm, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-    DOT_IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DOT_IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """y[:, tile] over K range [s * k_per_split, (s + 1) * k_per_split) of program (n, s).
 
@@ -85,7 +87,9 @@ def _gemv_kernel(
               raw bits (widening first keeps the products exact).
       NUM_STAGES: W tiles in flight (cp.async through shared memory); without a
               tl.dot in the loop Triton pipelines it only when asked.
+      USE_PDL: launched with ``kvflow.kernels.pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -128,13 +132,14 @@ def _gemv_kernel(
 
 @triton.jit(do_not_specialize=["numel", "num_splits"])
 def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N, num_splits,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """out[i] = sum over s of partial[s, i] (+ bias[i % N]), added in split order.
 
     Grid: ``(cdiv(numel, BLOCK),)``; partial is float32 [S, numel] contiguous, out
     [numel] contiguous (numel = M * N). ``num_splits`` is a run-time value, so one
-    compiled kernel serves every S.
+    compiled kernel serves every S. USE_PDL: launched with ``pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -217,13 +222,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     partial = torch.empty(num_splits if is_split else 0, num_tokens, num_out,
                           dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_out, cfg.block_n), num_splits)
+    options = pdl.launch_options(x.device)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else out, out, partial,
         num_tokens, num_out, num_in, k_per_split, x.stride(0), weight.stride(0),
         BLOCK_M=_block_m(num_tokens, cfg.use_dot), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_DOT=cfg.use_dot, HAS_BIAS=bias is not None and not is_split, IS_SPLIT=is_split,
         DOT_IEEE=x.device.type != "cuda" or x.dtype == torch.float32,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, USE_PDL=bool(options), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **options)
     if is_split:
         sum_splits(partial, bias, out)
     return out
@@ -234,6 +241,7 @@ def sum_splits(partial: torch.Tensor, bias: Optional[torch.Tensor], out: torch.T
     assert partial.dtype == torch.float32 and partial.is_contiguous() and out.is_contiguous()
     assert partial.shape[1:] == out.shape, (tuple(partial.shape), tuple(out.shape))
     numel, block = out.numel(), 1024
+    options = pdl.launch_options(out.device)
     _sum_splits_kernel[(triton.cdiv(numel, block),)](
         partial, bias if bias is not None else out, out, numel, out.shape[-1], partial.shape[0],
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=bool(options), num_warps=4, **options)

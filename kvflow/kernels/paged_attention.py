@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels import pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -215,6 +217,7 @@ def _paged_attention_kernel(
     IS_SPLIT: tl.constexpr,
     IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Attention of one q-block of one request against its paged context, for one KV head.
 
@@ -247,7 +250,9 @@ def _paged_attention_kernel(
                   of the normalised output.
       IS_FP32:    inputs are float32: IEEE dot products.
       UPCAST:     CPU interpreter: dot products in float32 (see ``_dot``).
+      USE_PDL:    launched with ``kvflow.kernels.pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     # Heaviest work first, so the light programs fill the tail of the launch: the order
     # given (decodes by context length, longest first), else each request's last q-block
     # (most keys under the causal mask) before its earlier ones.
@@ -363,6 +368,7 @@ def _reduce_kv_splits_kernel(
     num_reqs, num_heads, num_splits, stride_ot, stride_oh,
     HEAD_SIZE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Combines the split partials of one (token, head) into the normalised output.
 
@@ -371,7 +377,9 @@ def _reduce_kv_splits_kernel(
     Constexprs:
       HEAD_SIZE:    D.
       BLOCK_SPLITS: next power of two >= num_splits; splits past num_splits are masked.
+      USE_PDL:      launched with ``kvflow.kernels.pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_reqs):
@@ -494,6 +502,7 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     assert k_cache.stride() == v_cache.stride()
 
+    options = pdl.launch_options(q.device)
     _paged_attention_kernel[(num_q_blocks * num_kv_heads, 1, num_kv_splits)](
         out, q, k_cache, v_cache,
         block_tables, seq_lens, query_start_loc,
@@ -516,8 +525,10 @@ def paged_attention(
         IS_SPLIT=is_split,
         IS_FP32=q.dtype == torch.float32,
         UPCAST=q.device.type != "cuda",
+        USE_PDL=bool(options),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **options,
     )
     if is_split:
         _reduce_kv_splits_kernel[(num_tokens, num_heads)](
@@ -525,6 +536,8 @@ def paged_attention(
             num_reqs, num_heads, num_kv_splits, out.stride(0), out.stride(1),
             HEAD_SIZE=head_size,
             BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
+            USE_PDL=bool(options),
             num_warps=4 if head_size >= 128 else 2,
+            **options,
         )
     return out

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kvflow.attention.backends.base import RotaryInput
+from kvflow.kernels import pdl
 
 
 @triton.jit
@@ -56,6 +57,7 @@ def _write_kv_cache_kernel(
     BLOCK_HQ: tl.constexpr,
     HAS_ROTARY: tl.constexpr,
     IS_NEOX: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Copies one token's K and V rows for ``BLOCK_H`` KV heads into its cache slot.
 
@@ -72,7 +74,9 @@ def _write_kv_cache_kernel(
       BLOCK_HQ:   query heads per rotation step, a power of two.
       HAS_ROTARY: rotate (``rotary_dim`` = R of the cos/sin cache, even, <= D).
       IS_NEOX:    the pairing (module doc).
+      USE_PDL:    launched with ``kvflow.kernels.pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     t = tl.program_id(0)
     head_block = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
@@ -176,6 +180,7 @@ def write_kv_cache(
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
     num_heads = q.shape[1] if rotary is not None else 0
     block_hq = min(triton.next_power_of_2(max(1, num_heads)), max(1, 2048 // block_d))
+    options = pdl.launch_options(k.device)
     _write_kv_cache_kernel[grid](
         k, v, k_cache, v_cache, slot_mapping,
         q if rotary is not None else k,
@@ -193,5 +198,7 @@ def write_kv_cache(
         BLOCK_HQ=block_hq,
         HAS_ROTARY=rotary is not None,
         IS_NEOX=rotary.is_neox if rotary is not None else True,
+        USE_PDL=bool(options),
         num_warps=4 if max(block_h, block_hq if rotary is not None else 0) * block_d >= 1024 else 1,
+        **options,
     )

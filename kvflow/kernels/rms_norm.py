@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -25,6 +27,7 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Normalises one row.
 
@@ -34,7 +37,9 @@ def _rms_norm_kernel(
       HAS_RESIDUAL: first form ``x + residual`` (rounded to x's dtype, as torch adds
                     half-precision tensors), store it to residual_out, normalise it.
       BLOCK:        next power of two >= Hd; the whole row lives in registers.
+      USE_PDL:      launched with ``kvflow.kernels.pdl.launch_options``.
     """
+    pdl.wait_for_predecessor(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden_size
@@ -72,13 +77,16 @@ def _launch(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Ten
     if num_tokens == 0:
         return out, residual_out
     block = triton.next_power_of_2(hidden_size)
+    options = pdl.launch_options(x.device)
     _rms_norm_kernel[(num_tokens,)](
         out, residual_out, x, residual, weight,
         hidden_size, eps,
         x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0),
         HAS_RESIDUAL=residual_out is not out,
         BLOCK=block,
+        USE_PDL=bool(options),
         num_warps=min(16, max(1, block // 512)),
+        **options,
     )
     return out, residual_out
 

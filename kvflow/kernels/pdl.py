@@ -1,0 +1,53 @@
+"""Programmatic dependent launch (PDL) for the decode path's Triton kernels: opt-in.
+
+Why: at batch 1 a decode step is ~350 kernels of a few microseconds each, and between
+two of them the GPU idles while the next kernel's programs are launched (an AWQ
+Llama-2-7B step: 0.33 ms of 3.1 ms, benchmarks/RESULTS.md fifth session). On Hopper a
+kernel can be launched while the one before it still runs: its programs start, then
+block at ``griddepcontrol.wait`` until that predecessor has finished and its writes are
+visible; and each kernel lets its successor launch as soon as all of its own programs
+are running. Nothing is read or written before the wait, so results are unchanged.
+
+    kernel A      |==== A's programs ====|
+    kernel B (PDL)      |launch| wait .......|==== B's programs ====|
+
+Every kvflow kernel that may be launched this way calls ``wait_for_predecessor`` first
+(``USE_PDL`` constexpr, False compiles to nothing). Kernels of torch or cuBLAS in
+between launch as usual and keep the plain stream order.
+
+``KVFLOW_PDL=1`` turns it on for CUDA devices of compute capability 9.0 or newer. Off
+by default: not yet measured (the next GPU session's A/B, benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow import envs
+
+
+@functools.lru_cache(maxsize=None)
+def _supports(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def launch_options(device: torch.device) -> dict:
+    """``{"launch_pdl": True}`` where kernels on ``device`` launch with PDL, else ``{}``:
+    splice into a launch together with ``USE_PDL=bool(options)``."""
+    if device.type != "cuda" or not envs.pdl_enabled():
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"launch_pdl": True} if _supports(index) else {}
+
+
+@triton.jit
+def wait_for_predecessor(USE_PDL: tl.constexpr):
+    """First statement of a kernel launched with ``launch_options``: wait until the kernel
+    before it has finished (its writes visible), then let the kernel after it launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
