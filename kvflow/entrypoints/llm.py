@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from kvflow.config import EngineArgs
+from kvflow.entrypoints import chat_content
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.outputs import RequestOutput
@@ -47,12 +48,27 @@ class LLM:
         self,
         prompts: Union[PromptType, Sequence[PromptType], None] = None,
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: Union[bool, Callable[..., Any]] = True,
+        lora_request: Any = None,
         *,
         prompt_token_ids: Optional[list[list[int]]] = None,
-        use_tqdm: bool = True,
+        prompt_adapter_request: Any = None,
+        guided_options_request: Any = None,
+        priority: Optional[list[int]] = None,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion; returns outputs in input order."""
+        """Runs every prompt to completion; returns outputs in input order.
+
+        ``use_tqdm``: a progress bar, or (as in vLLM) the tqdm-like class to draw it with.
+        vLLM's ``lora_request``, ``prompt_adapter_request`` and ``guided_options_request``
+        are accepted as None, and ``priority`` as None or all zeros (first come, first
+        served); anything else is a ValueError saying what kvflow lacks.
+        """
+        _refuse_per_call(lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
+                         guided_options_request=guided_options_request)
         items = self._normalize_prompts(prompts, prompt_token_ids)
+        if priority is not None and (len(priority) != len(items) or any(priority)):
+            raise ValueError(f"priority={priority!r}: kvflow schedules first come, first served "
+                             f"(scheduling_policy='fcfs'); pass None or {len(items)} zeros.")
         if sampling_params is None:
             params_list = [self.get_default_sampling_params()] * len(items)
         elif isinstance(sampling_params, SamplingParams):
@@ -87,15 +103,19 @@ class LLM:
             return [{"prompt_token_ids": list(prompts)}]
         return list(prompts)
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, request_ids: list[str],
+                    use_tqdm: Union[bool, Callable[..., Any]]) -> list[RequestOutput]:
         engine = self.llm_engine
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
-            from tqdm.auto import tqdm
+            if callable(use_tqdm):
+                make_bar = use_tqdm
+            else:
+                from tqdm.auto import tqdm as make_bar
 
-            bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
-                       postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+            bar = make_bar(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                           postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
         start = time.perf_counter()
         in_tokens = out_tokens = 0
         wanted = set(request_ids)
@@ -124,45 +144,77 @@ class LLM:
         self,
         messages: Union[list[dict], list[list[dict]]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-        *,
-        use_tqdm: bool = True,
+        use_tqdm: Union[bool, Callable[..., Any]] = True,
+        lora_request: Any = None,
         chat_template: Optional[str] = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        chat_template_kwargs: Optional[dict[str, Any]] = None,
         tools: Optional[list[dict[str, Any]]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+        mm_processor_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to one conversation or a list, then generates.
 
-        ``tools`` (JSON schemas of functions) reach the template as its ``tools`` variable,
-        as in transformers and vLLM; parsing tool calls out of the reply is the caller's.
+        Arguments in vLLM's order. ``tools`` (JSON schemas of functions) reach the template
+        as its ``tools`` variable, as in transformers and vLLM; parsing tool calls out of
+        the reply is the caller's. ``chat_template_content_format``: how a message's list
+        of content parts reaches the template (``kvflow.entrypoints.chat_content``).
         """
+        _refuse_per_call(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         extra = dict(chat_template_kwargs or {})
         if tools is not None:
             extra["tools"] = tools
+        tokenizer = self.get_tokenizer()
+        content_format = chat_content.resolve_format(
+            chat_template_content_format,
+            chat_template or getattr(tokenizer, "chat_template", None))
         prompts = [{"prompt_token_ids": apply_chat_template(
-                        self.get_tokenizer(), conv, chat_template=chat_template,
+                        tokenizer, conv, chat_template=chat_template,
                         add_generation_prompt=add_generation_prompt,
-                        continue_final_message=continue_final_message, **extra)}
+                        continue_final_message=continue_final_message,
+                        content_format=content_format, **extra)}
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
+_PER_CALL_WHY = {
+    "lora_request": "LoRA adapters are not supported",
+    "prompt_adapter_request": "prompt adapters are not supported",
+    "guided_options_request": "guided (structured) decoding is not supported",
+    "mm_processor_kwargs": "kvflow serves text models",
+}
+
+
+def _refuse_per_call(**options: Any) -> None:
+    """vLLM's per-call arguments for machinery kvflow lacks: fine when unset."""
+    for name, value in options.items():
+        if value:
+            raise ValueError(f"{name}={value!r} is not supported by kvflow: "
+                             f"{_PER_CALL_WHY[name]}.")
+
+
 def apply_chat_template(tokenizer: Any, conversation: list[dict], *,
                         chat_template: Optional[str] = None, add_generation_prompt: bool = True,
-                        continue_final_message: bool = False, **kwargs: Any) -> list[int]:
-    """Token ids of a conversation rendered with the model's (or the given) chat template."""
+                        continue_final_message: bool = False, content_format: str = "string",
+                        **kwargs: Any) -> list[int]:
+    """Token ids of a conversation rendered with the model's (or the given) chat template;
+    lists of content parts are joined or kept as ``content_format`` says."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; skip_tokenizer_init=True has none.")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat template; pass chat_template=... "
                          "(a Jinja string).")
+    messages = []
     for i, msg in enumerate(conversation):
         if not isinstance(msg, dict) or "role" not in msg:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}.")
+        content = chat_content.template_content(msg.get("content"), content_format,
+                                                f"messages[{i}].content")
+        messages.append(dict(msg, content=content))
     text = tokenizer.apply_chat_template(
-        conversation, chat_template=chat_template, tokenize=False,
+        messages, chat_template=chat_template, tokenize=False,
         add_generation_prompt=add_generation_prompt and not continue_final_message,
         continue_final_message=continue_final_message, **kwargs)
     # The template already holds the BOS text; don't add it twice.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import tiny_models
 from kvflow import SamplingParams
 from tiny_models import LLM32 as LLM
@@ -50,3 +52,72 @@ def test_chat_tools_reach_the_template(checkpoint):
     assert out.prompt_token_ids == expected
     plain = llm.chat(messages, params, chat_template=TOOLS_TEMPLATE, use_tqdm=False)[0]
     assert plain.prompt_token_ids == tok.encode("user: Hi\n", add_special_tokens=False)
+
+
+PARTS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:"  # (a newline after a block tag
+                  "{% for part in m['content'] %}<{{ part['text'] }}>{% endfor %}"  # is trimmed)
+                  "{{ '\\n' }}{% endfor %}")
+
+
+def test_chat_content_parts_as_vllm(checkpoint):
+    """Lists of OpenAI content parts: joined for templates that print content (vLLM's
+    "string"), kept for templates that loop over it ("openai"); "auto" tells them apart."""
+    llm = LLM(checkpoint("llama"), max_model_len=128)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=1)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                          {"type": "text", "text": "there"}]}]
+    joined = llm.chat(parts, params, chat_template=TOOLS_TEMPLATE, use_tqdm=False)[0]
+    as_string = llm.chat([{"role": "user", "content": "Hi\nthere"}], params,
+                         chat_template=TOOLS_TEMPLATE, use_tqdm=False)[0]
+    assert joined.prompt_token_ids == as_string.prompt_token_ids
+    for content_format in ("auto", "openai"):
+        kept = llm.chat(parts, params, chat_template=PARTS_TEMPLATE, use_tqdm=False,
+                        chat_template_content_format=content_format)[0]
+        assert kept.prompt_token_ids == tok.encode("user:<Hi><there>\n", add_special_tokens=False)
+    image = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                          {"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[1\] has type 'image_url'"):
+        llm.chat(image, params, chat_template=TOOLS_TEMPLATE, use_tqdm=False)
+    with pytest.raises(ValueError, match="chat_template_content_format='html'"):
+        llm.chat(parts, params, chat_template_content_format="html", use_tqdm=False)
+
+
+def test_vllm_per_call_arguments(checkpoint):
+    llm = LLM(checkpoint("llama"), max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=2)
+    prompts = [{"prompt_token_ids": [1, 5, 6]}, {"prompt_token_ids": [1, 7]}]
+    base = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    same = llm.generate(prompts, params, False, None, prompt_adapter_request=None,
+                        guided_options_request=None, priority=[0, 0])
+    assert [o.outputs[0].token_ids for o in same] == base
+    for kwargs, match in [({"lora_request": object()}, "LoRA adapters are not supported"),
+                          ({"guided_options_request": {"guided_json": {}}}, "guided"),
+                          ({"priority": [1, 0]}, "first come, first served"),
+                          ({"priority": [0]}, "pass None or 2 zeros")]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompts, params, use_tqdm=False, **kwargs)
+    with pytest.raises(ValueError, match="kvflow serves text models"):
+        llm.chat([{"role": "user", "content": "Hi"}], params, chat_template=TOOLS_TEMPLATE,
+                 use_tqdm=False, mm_processor_kwargs={"num_crops": 4})
+    assert llm.reset_prefix_cache() is True  # nothing was left queued by the refusals
+
+
+def test_use_tqdm_takes_a_bar_class(checkpoint):
+    """vLLM lets ``use_tqdm`` be the tqdm-like class that draws the bar."""
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+            self.updates, self.postfix = 0, ""
+
+        def update(self, n):
+            self.updates += n
+
+        def close(self):
+            made.append(self.updates)
+
+    llm = LLM(checkpoint("llama"), max_model_len=128)
+    llm.generate([{"prompt_token_ids": [1, 5]}] * 3, SamplingParams(max_tokens=2), use_tqdm=Bar)
+    assert made[0]["total"] == 3 and made[-1] == 3

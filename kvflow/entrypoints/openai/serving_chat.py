@@ -17,6 +17,7 @@ from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.llm import apply_chat_template
+from kvflow.entrypoints.chat_content import template_content
 from kvflow.entrypoints.openai.errors import APIError, from_value_error
 from kvflow.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -53,17 +54,11 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "chat_template", "tokeniz
 def message_to_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     """The message as the template sees it; text parts joined, other parts refused."""
     data: dict[str, Any] = {"role": message.role}
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if part.type != "text" or part.text is None:
-                raise APIError(f"messages[{index}].content[{j}] has type {part.type!r}; kvflow "
-                               "serves text models and takes only 'text' parts.", 400,
-                               f"messages[{index}].content")
-            texts.append(part.text)
-        content = "\n".join(texts)
-    data["content"] = content if content is not None else ""
+    where = f"messages[{index}].content"
+    try:
+        data["content"] = template_content(message.content, "string", where)
+    except ValueError as exc:
+        raise APIError(str(exc), 400, where) from None
     for key in ("name", "tool_calls", "tool_call_id"):
         value = getattr(message, key)
         if value is not None:
