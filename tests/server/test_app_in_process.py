@@ -90,6 +90,35 @@ def test_chat_template_override(tiny_model, tmp_path, in_process):
     _run(llm, ServerArgs(chat_template=str(path)), scenario)
 
 
+PARTS_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]"
+                  "{% for part in m['content'] %} <{{ part['text'] }}>{% endfor %}"
+                  "{{ '\\n' }}{% endfor %}")
+
+
+@pytest.mark.parametrize("content_format", ["auto", "openai", "string"])
+def test_chat_template_content_format(tiny_model, content_format):
+    """--chat-template-content-format: content parts reach a template that loops over them
+    as parts (auto finds the loop), or joined into a string (one 'part' per character)."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=256),
+                                    in_process=True)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                             {"type": "text", "text": "you"}]}]
+    tok = llm.get_tokenizer()
+    kept = tok.encode("[user] <Hi> <you>\n", add_special_tokens=False)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/tokenize", json={"messages": messages})
+        assert r.status_code == 200, r.text
+        assert (r.json()["tokens"] == kept) == (content_format != "string")
+        r = await client.post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert (r.json()["usage"]["prompt_tokens"] == len(kept)) == (content_format != "string")
+
+    _run(llm, ServerArgs(chat_template=PARTS_TEMPLATE,
+                         chat_template_content_format=content_format), scenario)
+
+
 @pytest.mark.parametrize("log_requests", [True, False])
 def test_response_role_and_request_log_switch(tiny_model, caplog, log_requests):
     """--response-role names the reply after a generation prompt (else the reply continues

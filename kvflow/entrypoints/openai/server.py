@@ -122,6 +122,10 @@ class ServerArgs:
     """The format the model writes calls in: hermes (Qwen2.5/Qwen3, Hermes)."""
     response_role: str = "assistant"
     """Role of the chat reply when the request asks for a generation prompt."""
+    chat_template_content_format: str = field(default="auto",
+                                              metadata={"choices": ["auto", "string", "openai"]})
+    """How a message's list of content parts reaches the template: joined into a string,
+    or kept as text parts; auto keeps them for templates that loop over a message's content."""
     return_tokens_as_token_ids: bool = False
     """Default of the request field: logprob tokens as "token_id:N" instead of text."""
     disable_log_requests: bool = False
@@ -174,9 +178,11 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
                     defaults)
     completions = serving(OpenAIServingCompletion)
     chats = serving(OpenAIServingChat, response_role=args.response_role,
+                    content_format=args.chat_template_content_format,
                     reasoning_parser=args.reasoning_parser,
                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
-    tokenization = serving(OpenAIServingTokenization)
+    tokenization = serving(OpenAIServingTokenization,
+                           content_format=args.chat_template_content_format)
     state = _EngineState(async_llm)
 
     @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.llm import apply_chat_template
-from kvflow.entrypoints.chat_content import template_content
+from kvflow.entrypoints.chat_content import resolve_format, template_content
 from kvflow.entrypoints.openai.errors import APIError, from_value_error
 from kvflow.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -51,12 +51,14 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "chat_template", "tokeniz
                                        "return_dict", "return_tensors", "tokenizer_kwargs"})
 
 
-def message_to_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    """The message as the template sees it; text parts joined, other parts refused."""
+def message_to_dict(message: ChatMessage, index: int,
+                    content_format: str = "string") -> dict[str, Any]:
+    """The message as the template sees it: text parts joined (or kept, ``openai``), other
+    parts refused (``kvflow.entrypoints.chat_content``)."""
     data: dict[str, Any] = {"role": message.role}
     where = f"messages[{index}].content"
     try:
-        data["content"] = template_content(message.content, "string", where)
+        data["content"] = template_content(message.content, content_format, where)
     except ValueError as exc:
         raise APIError(str(exc), 400, where) from None
     for key in ("name", "tool_calls", "tool_call_id"):
@@ -73,8 +75,10 @@ class OpenAIServingChat(OpenAIServing):
 
     def __init__(self, *args: Any, response_role: str = "assistant",
                  reasoning_parser: Optional[str] = None, tool_parser: Optional[str] = None,
-                 **kwargs: Any) -> None:
+                 content_format: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.content_format = content_format
+        """``--chat-template-content-format`` (resolved per template, chat_content.py)."""
         self.tool_parser = tool_parser
         """``--enable-auto-tool-choice --tool-call-parser``: replies' calls become
         ``tool_calls`` (tool_calls.py); None: tools only reach the template."""
@@ -104,10 +108,13 @@ class OpenAIServingChat(OpenAIServing):
                            "chat_template_kwargs")
         if tools is not None:
             kwargs["tools"] = tools
-        conversation = [message_to_dict(m, i) for i, m in enumerate(messages)]
+        template = chat_template or self.chat_template
+        content_format = resolve_format(
+            self.content_format, template or getattr(tokenizer, "chat_template", None))
+        conversation = [message_to_dict(m, i, content_format) for i, m in enumerate(messages)]
         try:
             return apply_chat_template(
-                tokenizer, conversation, chat_template=chat_template or self.chat_template,
+                tokenizer, conversation, chat_template=template, content_format=content_format,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **kwargs)
         except APIError:
