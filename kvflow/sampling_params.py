@@ -55,6 +55,12 @@ class SamplingParams:
     bad_words: Optional[list[str]] = None
     truncate_prompt_tokens: Optional[int] = None
     output_kind: Optional[Any] = None
+    logits_processors: Optional[list[Any]] = None
+    """vLLM's field: accepted unset only (vLLM's V1 engine refuses per-request callables too)."""
+    guided_decoding: Optional[Any] = None
+    """vLLM's field: accepted unset only (structured decoding is not implemented)."""
+    extra_args: Optional[dict[str, Any]] = None
+    """Carried for plugins, as in vLLM; kvflow's sampling reads none of it."""
     # Filled by the engine: end-of-sequence ids from the tokenizer/generation config.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -112,6 +118,15 @@ class SamplingParams:
             raise _range_error("stop", self.stop, "a list of non-empty strings")
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise _range_error("truncate_prompt_tokens", self.truncate_prompt_tokens, ">= 1")
+        if self.logits_processors:
+            raise ValueError("logits_processors is not supported: per-request logits processors "
+                             "are refused (as by vLLM's V1 engine); use logit_bias, "
+                             "allowed_token_ids or bad_words.")
+        if self.guided_decoding is not None:
+            raise ValueError("guided_decoding is not supported: kvflow has no structured "
+                             "(guided) decoding; leave it None.")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise _range_error("extra_args", self.extra_args, "None or a dict")
 
     @property
     def sampling_type(self) -> SamplingType:

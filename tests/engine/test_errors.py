@@ -32,6 +32,9 @@ def llm(checkpoint):
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(logprobs=-1), "logprobs"),
     (dict(stop=[""]), "stop"),
+    (dict(logits_processors=[lambda ids, logits: logits]), "logits_processors"),
+    (dict(guided_decoding={"json": {}}), "guided_decoding"),
+    (dict(extra_args=["x"]), "extra_args"),
 ])
 def test_sampling_params_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -47,7 +50,11 @@ def test_sampling_params_compat():
             "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
             "skip_special_tokens", "spaces_between_special_tokens",
             "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-            "repetition_penalty"} <= names
+            "repetition_penalty", "logits_processors", "guided_decoding", "extra_args"} <= names
+    # vLLM's fields for machinery kvflow lacks, at the values that leave sampling as it is:
+    params = SamplingParams(logits_processors=[], guided_decoding=None,
+                            extra_args={"plugin": 1})
+    assert params.extra_args == {"plugin": 1}
 
 
 def _assert_engine_clean_and_serving(llm):
