@@ -40,6 +40,12 @@ def logging_level() -> str:
     return os.environ.get("KVFLOW_LOGGING_LEVEL", "INFO").upper()
 
 
+def torch_profiler_dir() -> str | None:
+    """Folder for the traces of ``LLM.start_profile()`` / ``stop_profile()``
+    (KVFLOW_TORCH_PROFILER_DIR; vLLM's VLLM_TORCH_PROFILER_DIR). Unset: profiling is off."""
+    return os.environ.get("KVFLOW_TORCH_PROFILER_DIR") or None
+
+
 def pdl_enabled() -> bool:
     """Whether kvflow's decode-path Triton kernels launch with programmatic dependent
     launch on Hopper GPUs (KVFLOW_PDL=1; default 0). See ``kvflow.kernels.pdl``."""

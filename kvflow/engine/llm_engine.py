@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
+from kvflow import envs
 from kvflow.config import EngineArgs, EngineConfig
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerOutput
@@ -59,6 +60,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc, cc, sc = config.model_config, config.cache_config, config.scheduler_config
+        self._profiling = False
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
@@ -248,6 +250,26 @@ class LLMEngine:
         if to_abort:
             self.scheduler.finish_requests(to_abort, RequestStatus.FINISHED_STOPPED)
         return outputs
+
+    def start_profile(self) -> None:
+        """Starts torch.profiler in every worker (vLLM's ``start_profile``); the traces go
+        to $KVFLOW_TORCH_PROFILER_DIR when ``stop_profile`` is called."""
+        trace_dir = envs.torch_profiler_dir()
+        if trace_dir is None:
+            raise RuntimeError("Profiling is off: set KVFLOW_TORCH_PROFILER_DIR to the folder "
+                               "for the traces (vLLM's VLLM_TORCH_PROFILER_DIR), then call "
+                               "start_profile().")
+        if self._profiling:
+            raise RuntimeError("The profiler is already running; call stop_profile() first.")
+        self.executor.start_profile(trace_dir)
+        self._profiling = True
+
+    def stop_profile(self) -> None:
+        """Stops the profiler; each worker writes rank{r}.*.pt.trace.json.gz there."""
+        if not self._profiling:
+            raise RuntimeError("The profiler is not running; call start_profile() first.")
+        self._profiling = False
+        self.executor.stop_profile()
 
     def reset_prefix_cache(self) -> bool:
         """Drops every cached block hash; False (nothing changed) while blocks are in use."""

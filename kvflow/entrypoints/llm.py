@@ -33,6 +33,14 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.get_tokenizer()
 
+    def start_profile(self) -> None:
+        """torch.profiler on in every worker until ``stop_profile()``, which writes one
+        trace per rank to $KVFLOW_TORCH_PROFILER_DIR (RuntimeError while it is unset)."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self) -> None:
+        self.llm_engine.stop_profile()
+
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prompt block (benchmarks: each run computes its prompts);
         False, changing nothing, while a request holds blocks."""

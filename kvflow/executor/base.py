@@ -43,6 +43,14 @@ class BaseExecutor(ABC):
         """Launches a step and returns before it ends where the executor can (see uniproc)."""
         return DoneStep(self.execute_model(sched))
 
+    @abstractmethod
+    def start_profile(self, trace_dir: str) -> None:
+        """Starts every worker's torch.profiler (``Worker.start_profile``)."""
+
+    @abstractmethod
+    def stop_profile(self) -> None:
+        """Stops it; each worker writes its trace."""
+
     def shutdown(self) -> None:
         """Stops workers; safe to call twice."""
 

@@ -366,6 +366,12 @@ class MultiProcExecutor(BaseExecutor):
     def init_cache(self, num_blocks: int) -> None:
         self._run("init_cache", (num_blocks,))
 
+    def start_profile(self, trace_dir: str) -> None:
+        self._run("start_profile", (trace_dir,))
+
+    def stop_profile(self) -> None:
+        self._run("stop_profile", ())
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self._run("execute_model", (sched,), reply_ranks=(OUTPUT_RANK,))[OUTPUT_RANK]
 

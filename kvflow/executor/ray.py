@@ -106,6 +106,12 @@ class _RankActor:
         out = self.worker.execute_model(sched)
         return out if reply else None
 
+    def start_profile(self, trace_dir: str) -> None:
+        self.worker.start_profile(trace_dir)  # on this actor's node
+
+    def stop_profile(self) -> None:
+        self.worker.stop_profile()
+
 
 def _stop_actors(ray: Any, actors: list[Any], pg: Any, owns_ray: bool) -> None:
     """Kills the rank actors, frees their placement group, stops a cluster we started.
@@ -252,6 +258,12 @@ class RayExecutor(BaseExecutor):
 
     def init_cache(self, num_blocks: int) -> None:
         self._call_all("init_cache", num_blocks)
+
+    def start_profile(self, trace_dir: str) -> None:
+        self._call_all("start_profile", trace_dir)  # each node writes its ranks' traces
+
+    def stop_profile(self) -> None:
+        self._call_all("stop_profile")
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         if self._failure is not None:

@@ -24,3 +24,9 @@ class UniProcExecutor(BaseExecutor):
 
     def execute_model_async(self, sched: SchedulerOutput) -> StepHandle:
         return self.worker.execute_model_async(sched)
+
+    def start_profile(self, trace_dir: str) -> None:
+        self.worker.start_profile(trace_dir)
+
+    def stop_profile(self) -> None:
+        self.worker.stop_profile()

@@ -10,7 +10,7 @@ import torch
 from kvflow.attention.backends.base import create_attention_backend
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from kvflow.distributed.parallel_state import get_tp_size
+from kvflow.distributed.parallel_state import get_tp_rank, get_tp_size
 from kvflow.models.base import ModelContext
 from kvflow.models.loader import load_model
 from kvflow.worker.model_runner import ModelRunner, StepResult
@@ -54,6 +54,29 @@ class Worker:
         self.model = load_model(mc, ctx, self.device)
         self.num_kv_heads = max(1, mc.num_kv_heads // get_tp_size())
         self.runner: Optional[ModelRunner] = None
+        self._profiler: Optional[torch.profiler.profile] = None
+
+    def start_profile(self, trace_dir: str) -> None:
+        """Starts torch.profiler (CPU ops, CUDA kernels on a GPU); ``stop_profile`` writes
+        ``rank{r}.*.pt.trace.json.gz`` (r: this tensor-parallel rank) into ``trace_dir``,
+        for Perfetto or TensorBoard."""
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self._profiler = profile(activities=activities, with_stack=True,
+                                 on_trace_ready=tensorboard_trace_handler(
+                                     trace_dir, worker_name=f"rank{get_tp_rank()}",
+                                     use_gzip=True))
+        self._profiler.start()
+
+    def stop_profile(self) -> None:
+        if self._profiler is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the last step's kernels in the trace
+            profiler, self._profiler = self._profiler, None
+            profiler.stop()
 
     @property
     def bytes_per_block(self) -> int:

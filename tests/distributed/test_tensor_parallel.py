@@ -92,3 +92,16 @@ def test_tp2_logprobs_match_tp1(engines):
             for tok in lp_a:
                 assert lp_a[tok].logprob == pytest.approx(lp_b[tok].logprob, abs=1e-4)
         assert len(a.prompt_logprobs) == len(b.prompt_logprobs)
+
+
+def test_tp2_profile_writes_one_trace_per_rank(engines, tmp_path, monkeypatch):
+    _, tp2, _ = engines("llama")
+    monkeypatch.setenv("KVFLOW_TORCH_PROFILER_DIR", str(tmp_path))
+    tp2.start_profile()
+    tp2.generate({"prompt_token_ids": prompts()[0]}, SamplingParams(max_tokens=2),
+                 use_tqdm=False)
+    tp2.stop_profile()
+    names = sorted(p.name.split(".")[0] for p in tmp_path.iterdir()
+                   if p.name.endswith(".pt.trace.json.gz"))
+    assert names == ["rank0", "rank1"]
+    assert greedy(tp2, prompts()[:1])  # the ranks still serve

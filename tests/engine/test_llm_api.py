@@ -121,3 +121,33 @@ def test_use_tqdm_takes_a_bar_class(checkpoint):
     llm = LLM(checkpoint("llama"), max_model_len=128)
     llm.generate([{"prompt_token_ids": [1, 5]}] * 3, SamplingParams(max_tokens=2), use_tqdm=Bar)
     assert made[0]["total"] == 3 and made[-1] == 3
+
+
+def _traces(folder) -> list:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".pt.trace.json.gz"))
+
+
+def test_start_and_stop_profile(checkpoint, tmp_path, monkeypatch):
+    """vLLM's LLM.start_profile/stop_profile: a torch.profiler trace of what ran between."""
+    import gzip
+    import json
+
+    llm = LLM(checkpoint("llama"), max_model_len=128)
+    monkeypatch.delenv("KVFLOW_TORCH_PROFILER_DIR", raising=False)
+    with pytest.raises(RuntimeError, match="set KVFLOW_TORCH_PROFILER_DIR"):
+        llm.start_profile()
+    monkeypatch.setenv("KVFLOW_TORCH_PROFILER_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="not running"):
+        llm.stop_profile()
+    llm.start_profile()
+    with pytest.raises(RuntimeError, match="already running"):
+        llm.start_profile()
+    llm.generate({"prompt_token_ids": [1, 5, 6]}, SamplingParams(max_tokens=3), use_tqdm=False)
+    llm.stop_profile()
+    (trace,) = _traces(tmp_path)
+    assert trace.name.startswith("rank0.")
+    with gzip.open(trace, "rt", encoding="utf-8") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert "aten::linear" in names or "aten::mm" in names or "aten::addmm" in names
+    llm.generate({"prompt_token_ids": [1, 5]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(_traces(tmp_path)) == 1  # stopped: nothing more written
