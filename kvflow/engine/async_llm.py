@@ -135,6 +135,14 @@ class AsyncLLM:
         if self._streams.pop(request_id, None) is not None:
             await self.client.abort([request_id])
 
+    async def start_profile(self) -> None:
+        """torch.profiler on in the engine's workers (traces to $KVFLOW_TORCH_PROFILER_DIR)."""
+        await self.client.profile(True)
+
+    async def stop_profile(self) -> None:
+        """Stops it; each worker rank writes its trace."""
+        await self.client.profile(False)
+
     async def shutdown(self) -> None:
         """Aborts what is in flight (streams end with finish_reason "abort"); stops the engine."""
         if self._closed:

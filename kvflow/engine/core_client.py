@@ -70,6 +70,10 @@ class BaseCoreClient(ABC):
         """Ends the requests and frees their blocks; their final outputs are dropped."""
 
     @abstractmethod
+    async def profile(self, start: bool) -> None:
+        """Starts (or stops) the engine's profiler between two steps."""
+
+    @abstractmethod
     async def shutdown(self, request_ids: list[str]) -> None:
         """Aborts ``request_ids`` (their final outputs go to the sink), then stops the engine."""
 
@@ -139,6 +143,13 @@ class InProcCoreClient(BaseCoreClient):
                 self._sink.on_failures(failures)
             self._sink.on_outputs(outputs)
             await asyncio.sleep(0)  # let handlers run between steps
+
+    async def profile(self, start: bool) -> None:
+        if self._lock is None:  # not started: no step can be running
+            self.core.profile(start)
+            return
+        async with self._lock:  # between steps, as adds and aborts
+            self.core.profile(start)
 
     async def shutdown(self, request_ids: list[str]) -> None:
         self._closed = True

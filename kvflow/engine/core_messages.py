@@ -34,7 +34,14 @@ class Shutdown:
     """Handle nothing after this: send the turn's outputs, shut the engine down, exit."""
 
 
-CoreRequest = Union[AddRequest, AbortRequests, Shutdown]
+@dataclass
+class ProfileControl:
+    """Start (or stop) torch.profiler in the engine's workers (``LLMEngine.start_profile``)."""
+
+    start: bool
+
+
+CoreRequest = Union[AddRequest, AbortRequests, Shutdown, ProfileControl]
 
 
 # ---------------------------------------------------------------------------- from the core

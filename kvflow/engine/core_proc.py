@@ -50,6 +50,7 @@ from kvflow.engine.core_messages import (
     CoreReady,
     CoreRequest,
     OutputEncoder,
+    ProfileControl,
     Shutdown,
     StartupFailed,
     WireOutput,
@@ -110,6 +111,11 @@ class EngineCoreLoop:
             elif isinstance(msg, AbortRequests):
                 outputs.extend(map(self.encoder.encode,
                                    self.core.abort_requests(msg.request_ids)))
+            elif isinstance(msg, ProfileControl):
+                try:
+                    self.core.profile(msg.start)
+                except RuntimeError as exc:  # not configured, or already in that state
+                    logger.warning("profiler: %s", exc)
             else:
                 raise AssertionError(f"unknown engine core message {msg!r}")
         return False

@@ -53,6 +53,13 @@ class EngineCore:
         self.request_ids: set[str] = set()
         """Requests the engine holds: the ones a failing step fails."""
 
+    def profile(self, start: bool) -> None:
+        """``LLMEngine.start_profile`` (or ``stop_profile``); their RuntimeErrors pass through."""
+        if start:
+            self.engine.start_profile()
+        else:
+            self.engine.stop_profile()
+
     def add_request(self, req: AddRequest) -> Optional[RequestFailure]:
         """Queues the request; returns why not if the engine rejected it (nothing queued)."""
         try:

@@ -35,6 +35,7 @@ from kvflow.engine.core_messages import (
     CoreOutputs,
     CoreReady,
     OutputDecoder,
+    ProfileControl,
     Shutdown,
     StartupFailed,
 )
@@ -159,6 +160,13 @@ class MPCoreClient(BaseCoreClient):
     async def abort(self, request_ids: list[str]) -> None:
         if self._dead is None and not self._stopping.is_set():
             self._send(AbortRequests(request_ids))
+
+    async def profile(self, start: bool) -> None:
+        """Sent, not awaited: the core applies it before its next step and logs any
+        refusal (profiling not configured, or already in that state)."""
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
+        self._send(ProfileControl(start))
 
     async def shutdown(self, request_ids: list[str]) -> None:
         if self._stopping.is_set():

@@ -219,3 +219,39 @@ def test_guided_decoding_fields_are_refused_not_ignored(tiny_model, field, value
         assert r.status_code == 200  # null is absent
 
     _run(llm, ServerArgs(), scenario)
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["core-process", "in-process"])
+def test_profile_routes(tiny_model, tmp_path, monkeypatch, in_process):
+    """vLLM's /start_profile and /stop_profile, present only with a trace folder."""
+    import time
+
+    monkeypatch.setenv("KVFLOW_TORCH_PROFILER_DIR", str(tmp_path))
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128),
+                                    in_process=in_process)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        assert (await client.post("/start_profile")).status_code == 200
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200
+        assert (await client.post("/stop_profile")).status_code == 200
+        deadline = time.monotonic() + 30  # the core process applies it before its next turn
+        while not list(tmp_path.glob("rank0.*.pt.trace.json.gz")):
+            assert time.monotonic() < deadline, "no trace written"
+            await asyncio.sleep(0.1)
+        if in_process:  # the engine's refusal comes back (the core process logs it instead)
+            r = await client.post("/stop_profile")
+            assert r.status_code == 400 and "not running" in r.json()["error"]["message"]
+
+    _run(llm, ServerArgs(), scenario)
+
+
+def test_no_profile_routes_without_a_trace_folder(tiny_model, monkeypatch):
+    monkeypatch.delenv("KVFLOW_TORCH_PROFILER_DIR", raising=False)
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128),
+                                    in_process=True)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        assert (await client.post("/start_profile")).status_code == 404
+
+    _run(llm, ServerArgs(), scenario)

@@ -261,6 +261,24 @@ def build_app(async_llm: Any, args: ServerArgs) -> FastAPI:
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
         return tokenization.detokenize(request)
 
+    if envs.torch_profiler_dir():  # as vLLM: the routes exist only with a trace folder
+        async def profile(start: bool) -> Response:
+            try:
+                await (async_llm.start_profile() if start else async_llm.stop_profile())
+            except RuntimeError as exc:  # already in that state (engine in this process)
+                raise APIError(str(exc), 400) from None
+            return Response(status_code=200)
+
+        @app.post("/start_profile", responses=errors)
+        async def start_profile() -> Response:
+            """torch.profiler on in the engine's workers, until /stop_profile."""
+            return await profile(True)
+
+        @app.post("/stop_profile", responses=errors)
+        async def stop_profile() -> Response:
+            """Each worker rank writes its trace to $KVFLOW_TORCH_PROFILER_DIR."""
+            return await profile(False)
+
     # Added innermost first: CORS answers preflights, then the key, then the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_bytes)
     api_key = args.api_key or envs.api_key()
