@@ -15,6 +15,18 @@ from typing import Any, Optional, Union
 _GREEDY_EPS = 1e-5
 
 
+class RequestOutputKind(Enum):
+    """What each output of a request carries (vLLM's ``vllm.sampling_params`` enum; set it
+    as ``SamplingParams.output_kind`` or pass it to the engine)."""
+
+    CUMULATIVE = 0
+    """Every output carries the whole text so far (vLLM's default)."""
+    DELTA = 1
+    """Every output carries only what is new since the last one (streaming)."""
+    FINAL_ONLY = 2
+    """One output, when the request ends (LLM.generate)."""
+
+
 class SamplingType(Enum):
     GREEDY = "greedy"
     RANDOM = "random"

@@ -7,7 +7,6 @@ RequestOutput whose ``outputs`` are ordered by index.
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -16,16 +15,7 @@ from kvflow.core.scheduler import EngineCoreOutput
 from kvflow.engine.detokenizer import IncrementalDetokenizer
 from kvflow.layers.sampler import TokenLogprobs
 from kvflow.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kvflow.sampling_params import SamplingParams
-
-
-class RequestOutputKind(enum.Enum):
-    CUMULATIVE = 0
-    """Every output carries the whole text so far (vLLM's default)."""
-    DELTA = 1
-    """Every output carries only what is new since the last one (streaming)."""
-    FINAL_ONLY = 2
-    """One output, when the request ends (LLM.generate)."""
+from kvflow.sampling_params import RequestOutputKind, SamplingParams
 
 
 def child_request_id(request_id: str, index: int) -> str:

@@ -151,3 +151,37 @@ def test_start_and_stop_profile(checkpoint, tmp_path, monkeypatch):
     assert "aten::linear" in names or "aten::mm" in names or "aten::addmm" in names
     llm.generate({"prompt_token_ids": [1, 5]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert len(_traces(tmp_path)) == 1  # stopped: nothing more written
+
+
+def test_vllm_import_surface(checkpoint):
+    """A vLLM script's imports with the package name changed: prompt types, the async
+    engine's names, RequestOutputKind where vLLM keeps it."""
+    import asyncio
+
+    import kvflow
+    from kvflow import AsyncEngineArgs, AsyncLLMEngine, TextPrompt, TokensPrompt
+    from kvflow.sampling_params import RequestOutputKind
+
+    path = checkpoint("llama")
+    llm = LLM(path, max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    ids = llm.get_tokenizer().encode("Hello there")
+    by_type = llm.generate([TextPrompt(prompt="Hello there"), TokensPrompt(prompt_token_ids=ids)],
+                           params, use_tqdm=False)
+    assert by_type[0].prompt_token_ids == ids
+    assert by_type[0].outputs[0].token_ids == by_type[1].outputs[0].token_ids
+    assert AsyncEngineArgs is kvflow.EngineArgs
+
+    async def stream() -> list[str]:
+        engine = AsyncLLMEngine.from_engine_args(
+            AsyncEngineArgs(model=path, max_model_len=128, dtype="float32"), in_process=True)
+        deltas = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        try:
+            return [out.outputs[0].text async for out in
+                    engine.generate(TextPrompt(prompt="Hello there"), deltas, "r1")]
+        finally:
+            await engine.shutdown()
+
+    pieces = asyncio.run(stream())
+    assert len(pieces) == 3 and "".join(pieces) == by_type[0].outputs[0].text
