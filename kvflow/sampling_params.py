@@ -168,3 +168,26 @@ class SamplingParams:
         import copy
 
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """Options of ``LLM.beam_search`` (vLLM's ``BeamSearchParams``)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    """Scales the logits the beams' log-probabilities come from (0 or 1: unscaled)."""
+    length_penalty: float = 1.0
+    """A beam scores cum_logprob / len(prompt + beam) ** length_penalty (0: plain sum)."""
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise _range_error("beam_width", self.beam_width, "an integer >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise _range_error("max_tokens", self.max_tokens, "an integer >= 1")
+        if self.temperature < 0.0:
+            raise _range_error("temperature", self.temperature, ">= 0")
+

@@ -104,6 +104,11 @@ class LLMEngine:
         return cls(args.create_engine_config())
 
     # ------------------------------------------------------------------ intake
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """(text or None, token ids) of a prompt in any accepted form, as ``add_request``
+        reads it (a ValueError names what is wrong with it)."""
+        return self._tokenize(prompt)
+
     def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
             text, ids = prompt, None

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from kvflow.config import EngineArgs
 from kvflow.entrypoints import chat_content
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.outputs import RequestOutput
-from kvflow.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvflow.beam_search import BeamSearchOutput
+from kvflow.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -146,6 +149,19 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[r] for r in request_ids if r in results]
+
+    # ------------------------------------------------------------------ beam search
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search (``kvflow.beam_search``): the best ``params.beam_width``
+        beams of each prompt, best first."""
+        _refuse_per_call(lora_request=lora_request)
+        if isinstance(prompts, (str, dict)):
+            raise ValueError("beam_search takes a list of prompts (str, TextPrompt or "
+                             "TokensPrompt), as vLLM's does.")
+        from kvflow.beam_search import beam_search
+
+        return beam_search(self, list(prompts), params, use_tqdm)
 
     # ------------------------------------------------------------------ chat
     def chat(
