@@ -30,6 +30,15 @@ import triton.language as tl
 from kvflow import envs
 
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+    """Whether this Triton has the grid-dependency-control intrinsics PDL needs."""
+except ImportError:
+    HAS_GDC = False
+
+
 @functools.lru_cache(maxsize=None)
 def _supports(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
@@ -38,16 +47,23 @@ def _supports(device_index: int) -> bool:
 def launch_options(device: torch.device) -> dict:
     """``{"launch_pdl": True}`` where kernels on ``device`` launch with PDL, else ``{}``:
     splice into a launch together with ``USE_PDL=bool(options)``."""
-    if device.type != "cuda" or not envs.pdl_enabled():
+    if device.type != "cuda" or not HAS_GDC or not envs.pdl_enabled():
         return {}
     index = device.index if device.index is not None else torch.cuda.current_device()
     return {"launch_pdl": True} if _supports(index) else {}
 
 
-@triton.jit
-def wait_for_predecessor(USE_PDL: tl.constexpr):
-    """First statement of a kernel launched with ``launch_options``: wait until the kernel
-    before it has finished (its writes visible), then let the kernel after it launch."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+if HAS_GDC:
+    @triton.jit
+    def wait_for_predecessor(USE_PDL: tl.constexpr):
+        """First statement of a kernel launched with ``launch_options``: wait until the
+        kernel before it has finished (its writes visible), then let the kernel after it
+        launch."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+else:
+    @triton.jit
+    def wait_for_predecessor(USE_PDL: tl.constexpr):
+        """No PDL in this Triton: ``launch_options`` never asks for it."""
+        pass
