@@ -105,6 +105,7 @@ COMPLETION_CASES: list[tuple[str, Any, int, Any]] = [
     ("prompt-logprobs-stream", {"prompt": "hi", "stream": True, "prompt_logprobs": 1}, 400,
      "prompt_logprobs"),
     ("unknown-model", {"prompt": "hi", "model": "gpt-17"}, 404, "model"),
+    ("beam-search", {"prompt": "hi", "use_beam_search": True, "n": 2}, 400, "use_beam_search"),
     ("stream-bad-input", {"prompt": "hi", "stream": True, "logprobs": 100}, 400, "logprobs"),
 ]
 
