@@ -75,12 +75,19 @@ def beam_search(llm: LLM, prompts: list[Any], params: BeamSearchParams,
     def score(beam: BeamSearchSequence) -> float:
         return beam_score(beam, eos_ids, params.length_penalty)
 
+    bar = None
+    if use_tqdm:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=params.max_tokens, desc="Beam search", unit="token")
     for _ in range(params.max_tokens):
         live = [(state, beam) for state in states for beam in state.live]
         if not live:
             break
         outs = llm.generate([{"prompt_token_ids": beam.tokens} for _, beam in live], step,
-                            use_tqdm=use_tqdm)
+                            use_tqdm=False)
+        if bar is not None:
+            bar.update(1)
         grown: dict[int, list[BeamSearchSequence]] = {id(s): [] for s in states}
         for (state, beam), out in zip(live, outs):
             offered = out.outputs[0].logprobs[0]  # token -> Logprob, the top 2 * width
@@ -94,6 +101,8 @@ def beam_search(llm: LLM, prompts: list[Any], params: BeamSearchParams,
                     grown[id(state)].append(new)
         for state in states:
             state.live = sorted(grown[id(state)], key=score, reverse=True)[:width]
+    if bar is not None:
+        bar.close()
     results = []
     for state in states:
         best = sorted(state.done + state.live, key=score, reverse=True)[:width]

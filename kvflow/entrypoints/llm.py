@@ -11,10 +11,10 @@ from kvflow.entrypoints import chat_content
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
     from kvflow.beam_search import BeamSearchOutput
-from kvflow.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
