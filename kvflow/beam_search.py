@@ -58,60 +58,115 @@ class _Prompt:
     done: list[BeamSearchSequence] = field(default_factory=list)
 
 
+class BeamSearch:
+    """The search's state between rounds, whoever runs the engine: ``beam_search`` (the
+    offline ``LLM``) and ``beam_search_async`` (an ``AsyncLLM``) drive it::
+
+        search = BeamSearch(prompt_ids, params, eos_ids)
+        while batch := search.next_batch():      # token lists to extend by one token
+            search.advance(offered)               # each one's {token: Logprob}, same order
+        outputs = search.results(tokenizer)
+    """
+
+    def __init__(self, prompt_ids: list[list[int]], params: BeamSearchParams,
+                 eos_ids: set[int]) -> None:
+        self.params = params
+        self.eos_ids = eos_ids
+        self.states = [_Prompt(len(ids), [BeamSearchSequence(list(ids), [])])
+                       for ids in prompt_ids]
+        self.rounds = 0
+        self._live: list[tuple[_Prompt, BeamSearchSequence]] = []
+        self.step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width,
+                                          temperature=params.temperature, ignore_eos=True,
+                                          detokenize=False)
+        """What each round asks the engine for: one token, the top 2 x width offered."""
+
+    def _score(self, beam: BeamSearchSequence) -> float:
+        return beam_score(beam, self.eos_ids, self.params.length_penalty)
+
+    def next_batch(self) -> list[list[int]]:
+        """The live beams' tokens to extend; empty when the search is over."""
+        if self.rounds >= self.params.max_tokens:
+            return []
+        self._live = [(state, beam) for state in self.states for beam in state.live]
+        return [beam.tokens for _, beam in self._live]
+
+    def advance(self, offered: list[dict[int, Logprob]]) -> None:
+        """One round: every live beam grows by each token offered to it."""
+        assert len(offered) == len(self._live), (len(offered), len(self._live))
+        grown: dict[int, list[BeamSearchSequence]] = {id(s): [] for s in self.states}
+        for (state, beam), choices in zip(self._live, offered):
+            for token, logprob in choices.items():
+                new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [choices],
+                                         beam.cum_logprob + logprob.logprob)
+                if token in self.eos_ids and not self.params.ignore_eos:
+                    new.finish_reason, new.stop_reason = "stop", token
+                    state.done.append(new)
+                else:
+                    grown[id(state)].append(new)
+        width = self.params.beam_width
+        for state in self.states:
+            state.live = sorted(grown[id(state)], key=self._score, reverse=True)[:width]
+        self.rounds += 1
+
+    def results(self, tokenizer: Any) -> list[BeamSearchOutput]:
+        """The best ``beam_width`` beams of each prompt, best first, with their text."""
+        results = []
+        for state in self.states:
+            best = sorted(state.done + state.live, key=self._score,
+                          reverse=True)[:self.params.beam_width]
+            for beam in best:
+                beam.finish_reason = beam.finish_reason or "length"
+                generated = beam.tokens[state.num_tokens:]
+                if beam.stop_reason is not None and not self.params.include_stop_str_in_output:
+                    generated = generated[:-1]
+                if tokenizer is not None:
+                    beam.text = tokenizer.decode(generated)
+            results.append(BeamSearchOutput(best))
+        return results
+
+
 def beam_search(llm: LLM, prompts: list[Any], params: BeamSearchParams,
                 use_tqdm: bool = False) -> list[BeamSearchOutput]:
     """The beams of each prompt (str, TextPrompt, TokensPrompt or token ids), in order."""
     engine = llm.llm_engine
-    eos_ids = set(engine.eos_token_ids)
-    tokenizer = llm.get_tokenizer()
-    states = []
-    for prompt in prompts:
-        _, ids = engine.tokenize_prompt(prompt)
-        states.append(_Prompt(len(ids), [BeamSearchSequence(list(ids), [])]))
-    width = params.beam_width
-    step = SamplingParams(max_tokens=1, logprobs=2 * width, temperature=params.temperature,
-                          ignore_eos=True, detokenize=False)
-
-    def score(beam: BeamSearchSequence) -> float:
-        return beam_score(beam, eos_ids, params.length_penalty)
-
+    search = BeamSearch([engine.tokenize_prompt(p)[1] for p in prompts], params,
+                        set(engine.eos_token_ids))
     bar = None
     if use_tqdm:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=params.max_tokens, desc="Beam search", unit="token")
-    for _ in range(params.max_tokens):
-        live = [(state, beam) for state in states for beam in state.live]
-        if not live:
-            break
-        outs = llm.generate([{"prompt_token_ids": beam.tokens} for _, beam in live], step,
+    while batch := search.next_batch():
+        outs = llm.generate([{"prompt_token_ids": t} for t in batch], search.step_params,
                             use_tqdm=False)
+        search.advance([out.outputs[0].logprobs[0] for out in outs])
         if bar is not None:
             bar.update(1)
-        grown: dict[int, list[BeamSearchSequence]] = {id(s): [] for s in states}
-        for (state, beam), out in zip(live, outs):
-            offered = out.outputs[0].logprobs[0]  # token -> Logprob, the top 2 * width
-            for token, logprob in offered.items():
-                new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [offered],
-                                         beam.cum_logprob + logprob.logprob)
-                if token in eos_ids and not params.ignore_eos:
-                    new.finish_reason, new.stop_reason = "stop", token
-                    state.done.append(new)
-                else:
-                    grown[id(state)].append(new)
-        for state in states:
-            state.live = sorted(grown[id(state)], key=score, reverse=True)[:width]
     if bar is not None:
         bar.close()
-    results = []
-    for state in states:
-        best = sorted(state.done + state.live, key=score, reverse=True)[:width]
-        for beam in best:
-            beam.finish_reason = beam.finish_reason or "length"
-            generated = beam.tokens[state.num_tokens:]
-            if beam.stop_reason is not None and not params.include_stop_str_in_output:
-                generated = generated[:-1]
-            if tokenizer is not None:
-                beam.text = tokenizer.decode(generated)
-        results.append(BeamSearchOutput(best))
-    return results
+    return search.results(llm.get_tokenizer())
+
+
+async def beam_search_async(async_llm: Any, prompt_ids: list[int], params: BeamSearchParams,
+                            eos_ids: set[int], request_id: str) -> BeamSearchOutput:
+    """One prompt's beams through an ``AsyncLLM``: each round's beams run as concurrent
+    requests (``request_id``-round-beam), so they batch with whatever else is served."""
+    import asyncio
+
+    from kvflow.sampling_params import RequestOutputKind
+
+    search = BeamSearch([prompt_ids], params, eos_ids)
+
+    async def offered(i: int, tokens: list[int]) -> dict[int, Logprob]:
+        final = None
+        async for out in async_llm.generate({"prompt_token_ids": tokens}, search.step_params,
+                                            f"{request_id}-{search.rounds}-{i}",
+                                            output_kind=RequestOutputKind.FINAL_ONLY):
+            final = out
+        assert final is not None
+        return final.outputs[0].logprobs[0]
+
+    while batch := search.next_batch():
+        search.advance(list(await asyncio.gather(*(offered(i, t) for i, t in enumerate(batch)))))
+    return search.results(async_llm.get_tokenizer())[0]

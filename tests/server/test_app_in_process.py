@@ -255,3 +255,33 @@ def test_no_profile_routes_without_a_trace_folder(tiny_model, monkeypatch):
         assert (await client.post("/start_profile")).status_code == 404
 
     _run(llm, ServerArgs(), scenario)
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["core-process", "in-process"])
+def test_completions_beam_search_equals_offline(tiny_model, in_process):
+    """vLLM's use_beam_search on /v1/completions: the n best beams of each prompt, the same
+    as LLM.beam_search's (beams of one round run as concurrent requests)."""
+    from kvflow import LLM
+    from kvflow.sampling_params import BeamSearchParams
+
+    prompts = [[1, 17, 33, 60, 7], [1, 90, 4]]
+    offline = LLM(tiny_model, max_model_len=128)
+    expected = offline.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=4,
+                                                             ignore_eos=True,
+                                                             length_penalty=0.5))
+    del offline
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model, max_model_len=128),
+                                    in_process=in_process)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/v1/completions", json={
+            "prompt": prompts, "use_beam_search": True, "n": 3, "max_tokens": 4,
+            "ignore_eos": True, "length_penalty": 0.5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        texts = [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
+        assert texts == [seq.text for out in expected for seq in out.sequences]
+        assert body["usage"]["completion_tokens"] == 2 * 3 * 4
+        assert all(c["finish_reason"] == "length" for c in body["choices"])
+
+    _run(llm, ServerArgs(), scenario)

@@ -105,12 +105,16 @@ COMPLETION_CASES: list[tuple[str, Any, int, Any]] = [
     ("prompt-logprobs-stream", {"prompt": "hi", "stream": True, "prompt_logprobs": 1}, 400,
      "prompt_logprobs"),
     ("unknown-model", {"prompt": "hi", "model": "gpt-17"}, 404, "model"),
-    ("beam-search", {"prompt": "hi", "use_beam_search": True, "n": 2}, 400, "use_beam_search"),
+    ("beam-search-stream", {"prompt": "hi", "use_beam_search": True, "n": 2, "stream": True},
+     400, "stream"),
+    ("beam-search-logprobs", {"prompt": "hi", "use_beam_search": True, "logprobs": 2}, 400,
+     "logprobs"),
     ("stream-bad-input", {"prompt": "hi", "stream": True, "logprobs": 100}, 400, "logprobs"),
 ]
 
 CHAT_CASES: list[tuple[str, Any, int, Any]] = [
     ("no-messages", {"messages": []}, 400, "messages"),
+    ("beam-search-chat", {"messages": USER, "use_beam_search": True}, 400, "use_beam_search"),
     ("messages-not-list", {"messages": "hi"}, 400, "messages"),
     ("message-without-role", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
     ("content-wrong-type", {"messages": [{"role": "user", "content": 5}]}, 400,

@@ -200,10 +200,7 @@ class OpenAIServing:
                 raise APIError(f"{name} (vLLM's guided decoding) is not supported by kvflow yet: "
                                "the reply would not be constrained. Drop it and check the text "
                                "yourself.", 400, name)
-        if extra.get("use_beam_search"):
-            raise APIError("use_beam_search is not supported by kvflow's server yet: the reply "
-                           "would be sampled, not searched. Use LLM.beam_search offline.", 400,
-                           "use_beam_search")
+
         if request.stop_token_ids:
             self.check_token_ids(request.stop_token_ids, "stop_token_ids")
         if request.prompt_logprobs is not None and request.stream:

@@ -129,6 +129,10 @@ class OpenAIServingChat(OpenAIServing):
         model = self.resolve_model(request.model)
         self.log_ignored_fields(request)
         self.check_common(request)
+        if (request.model_extra or {}).get("use_beam_search"):
+            raise APIError("use_beam_search is supported on /v1/completions (and offline by "
+                           "LLM.beam_search), not on chat yet: the reply would be sampled.",
+                           400, "use_beam_search")
         tools = request.tools
         if tools and request.tool_choice not in ("none", "auto", None):
             raise APIError(f"tool_choice={request.tool_choice!r} forces a call, which needs "

@@ -2,17 +2,20 @@
 
 A request with P prompts and ``n`` samples answers with P*n choices; choice
 ``i*n + j`` is sample j of prompt i, as OpenAI numbers them. Each prompt is one
-engine request (the engine fans out its n samples).
+engine request (the engine fans out its n samples). With vLLM's ``use_beam_search``
+the ``n`` choices of a prompt are its best beams instead (``kvflow.beam_search``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncGenerator, AsyncIterator, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import Response
 
+from kvflow.beam_search import beam_search_async
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.entrypoints.openai.errors import APIError, from_value_error
 from kvflow.entrypoints.openai.protocol import (
@@ -31,6 +34,8 @@ from kvflow.entrypoints.openai.serving_base import (
 from kvflow.entrypoints.openai.sse import SSEResponse, stream_events
 from kvflow.entrypoints.openai.stream_chunks import ChunkWriter, completion_choice, usage_dict
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
+from kvflow.sampling_params import BeamSearchParams
+from kvflow.tokenizer import eos_token_ids
 
 _FIELDS = frozenset(CompletionRequest.model_fields)
 
@@ -46,6 +51,12 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError("suffix is not supported by kvflow.", 400, "suffix")
         request_id = self.new_request_id("cmpl")
         prompts = self._engine_prompts(request, request_id)
+        if (request.model_extra or {}).get("use_beam_search"):
+            try:
+                return await run_until_disconnect(
+                    raw, self._beam_search(request, prompts, model, request_id))
+            except ClientDisconnected:
+                return Response(status_code=499)
         if request.stream:
             return await self._stream(request, raw, prompts, model, request_id, arrival)
         try:
@@ -87,6 +98,52 @@ class OpenAIServingCompletion(OpenAIServing):
         if prompt.text is not None:
             return prompt.text
         return self.tokenizer.decode(prompt.token_ids) if self.tokenizer is not None else ""
+
+    # ------------------------------------------------------------------ beam search
+    async def _beam_search(self, request: CompletionRequest, prompts: list[EnginePrompt],
+                           model: str, request_id: str) -> Response:
+        """vLLM's ``use_beam_search``: the ``n`` best beams of each prompt as its choices,
+        best first (``kvflow.beam_search``; ``length_penalty`` is a body field too)."""
+        for name, value in (("stream", request.stream), ("logprobs", request.logprobs),
+                            ("echo", request.echo)):
+            if value:
+                raise APIError(f"{name} is not available with use_beam_search.", 400, name)
+        extra = request.model_extra or {}
+        try:
+            length_penalty = float(extra.get("length_penalty", 1.0))
+        except (TypeError, ValueError):
+            raise APIError(f"length_penalty must be a number, got {extra['length_penalty']!r}.",
+                           400, "length_penalty") from None
+        width = request.n or 1
+        eos_ids = set(eos_token_ids(self.tokenizer, self.async_llm.model_config.model,
+                                    self.async_llm.model_config.hf_config))
+        try:
+            searches = [beam_search_async(
+                self.async_llm, prompt.token_ids,
+                BeamSearchParams(beam_width=width, max_tokens=prompt.params.max_tokens,
+                                 ignore_eos=bool(request.ignore_eos),
+                                 temperature=request.temperature or 0.0,
+                                 length_penalty=length_penalty,
+                                 include_stop_str_in_output=bool(
+                                     request.include_stop_str_in_output)),
+                eos_ids, prompt.request_id) for prompt in prompts]
+            outputs = await asyncio.gather(*searches)
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS) from None
+        choices = []
+        num_generated = 0
+        for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+            for j, seq in enumerate(out.sequences):
+                num_generated += len(seq.tokens) - len(prompt.token_ids)
+                choices.append(CompletionResponseChoice(
+                    index=i * width + j, text=seq.text or "", finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason))
+        num_prompt = sum(len(p.token_ids) for p in prompts)
+        response = CompletionResponse(
+            id=request_id, model=model, choices=choices,
+            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                            total_tokens=num_prompt + num_generated))
+        return Response(response.model_dump_json(), media_type="application/json")
 
     # ------------------------------------------------------------------ whole response
     async def _full(self, request: CompletionRequest, prompts: list[EnginePrompt], model: str,
