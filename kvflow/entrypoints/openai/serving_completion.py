@@ -138,12 +138,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionResponseChoice(
                     index=i * width + j, text=seq.text or "", finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason))
-        num_prompt = sum(len(p.token_ids) for p in prompts)
-        response = CompletionResponse(
-            id=request_id, model=model, choices=choices,
-            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                            total_tokens=num_prompt + num_generated))
-        return Response(response.model_dump_json(), media_type="application/json")
+        return _response(request_id, model, choices, prompts, num_generated)
 
     # ------------------------------------------------------------------ whole response
     async def _full(self, request: CompletionRequest, prompts: list[EnginePrompt], model: str,
@@ -178,12 +173,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     choice.prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs,
                                                                   len(prompt.token_ids))
                 choices.append(choice)
-        num_prompt = sum(len(p.token_ids) for p in prompts)
-        response = CompletionResponse(
-            id=request_id, model=model, choices=choices,
-            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                            total_tokens=num_prompt + num_generated))
-        return Response(response.model_dump_json(), media_type="application/json")
+        return _response(request_id, model, choices, prompts, num_generated)
 
     def _logprobs(self, request: CompletionRequest, prompt: EnginePrompt,
                   out: RequestOutput, comp: CompletionOutput, *, echo: bool,
@@ -330,3 +320,14 @@ def _split_prompts(prompt: Union[str, list[Any]]) -> list[Union[str, list[int]]]
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)
+
+
+def _response(request_id: str, model: str, choices: list[CompletionResponseChoice],
+              prompts: list[EnginePrompt], num_generated: int) -> Response:
+    """The whole (non-streamed) completion response with its usage."""
+    num_prompt = sum(len(p.token_ids) for p in prompts)
+    response = CompletionResponse(
+        id=request_id, model=model, choices=choices,
+        usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                        total_tokens=num_prompt + num_generated))
+    return Response(response.model_dump_json(), media_type="application/json")
