@@ -200,7 +200,6 @@ class OpenAIServing:
                 raise APIError(f"{name} (vLLM's guided decoding) is not supported by kvflow yet: "
                                "the reply would not be constrained. Drop it and check the text "
                                "yourself.", 400, name)
-
         if request.stop_token_ids:
             self.check_token_ids(request.stop_token_ids, "stop_token_ids")
         if request.prompt_logprobs is not None and request.stream:
