@@ -89,3 +89,21 @@ def drop_inert_options(kwargs: dict[str, Any]) -> dict[str, Any]:
         elif not option.accepts(value):
             raise ValueError(f"{name}={value!r} is not supported by kvflow: {option.why}.")
     return kept
+
+
+PER_CALL_WHY: dict[str, str] = {
+    "lora_request": INERT_OPTIONS["enable_lora"].why,
+    "prompt_adapter_request": INERT_OPTIONS["enable_prompt_adapter"].why,
+    "guided_options_request": "guided (structured) decoding is not supported",
+    "mm_processor_kwargs": INERT_OPTIONS["mm_processor_kwargs"].why,
+}
+"""vLLM's per-call arguments of ``LLM.generate``/``chat``/``beam_search`` for the same
+missing machinery as the engine options above, and why a set value is refused."""
+
+
+def refuse_per_call_options(**options: Any) -> None:
+    """A ValueError for any of ``PER_CALL_WHY``'s arguments that is set (unset is fine)."""
+    for name, value in options.items():
+        if value:
+            raise ValueError(f"{name}={value!r} is not supported by kvflow: "
+                             f"{PER_CALL_WHY[name]}.")

@@ -12,6 +12,7 @@ from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.engine.output_processor import RequestOutputKind
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import BeamSearchParams, SamplingParams
+from kvflow.vllm_compat import refuse_per_call_options
 
 if TYPE_CHECKING:
     from kvflow.beam_search import BeamSearchOutput
@@ -74,8 +75,9 @@ class LLM:
         are accepted as None, and ``priority`` as None or all zeros (first come, first
         served); anything else is a ValueError saying what kvflow lacks.
         """
-        _refuse_per_call(lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
-                         guided_options_request=guided_options_request)
+        refuse_per_call_options(lora_request=lora_request,
+                                prompt_adapter_request=prompt_adapter_request,
+                                guided_options_request=guided_options_request)
         items = self._normalize_prompts(prompts, prompt_token_ids)
         if priority is not None and (len(priority) != len(items) or any(priority)):
             raise ValueError(f"priority={priority!r}: kvflow schedules first come, first served "
@@ -155,7 +157,7 @@ class LLM:
                     lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's beam search (``kvflow.beam_search``): the best ``params.beam_width``
         beams of each prompt, best first."""
-        _refuse_per_call(lora_request=lora_request)
+        refuse_per_call_options(lora_request=lora_request)
         if isinstance(prompts, (str, dict)):
             raise ValueError("beam_search takes a list of prompts (str, TextPrompt or "
                              "TokensPrompt), as vLLM's does.")
@@ -185,7 +187,8 @@ class LLM:
         the reply is the caller's. ``chat_template_content_format``: how a message's list
         of content parts reaches the template (``kvflow.entrypoints.chat_content``).
         """
-        _refuse_per_call(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
+        refuse_per_call_options(lora_request=lora_request,
+                                mm_processor_kwargs=mm_processor_kwargs)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         extra = dict(chat_template_kwargs or {})
         if tools is not None:
@@ -201,22 +204,6 @@ class LLM:
                         content_format=content_format, **extra)}
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-
-
-_PER_CALL_WHY = {
-    "lora_request": "LoRA adapters are not supported",
-    "prompt_adapter_request": "prompt adapters are not supported",
-    "guided_options_request": "guided (structured) decoding is not supported",
-    "mm_processor_kwargs": "kvflow serves text models",
-}
-
-
-def _refuse_per_call(**options: Any) -> None:
-    """vLLM's per-call arguments for machinery kvflow lacks: fine when unset."""
-    for name, value in options.items():
-        if value:
-            raise ValueError(f"{name}={value!r} is not supported by kvflow: "
-                             f"{_PER_CALL_WHY[name]}.")
 
 
 def apply_chat_template(tokenizer: Any, conversation: list[dict], *,
