@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Thirty-sixth device batch (sixth session): why the batch-1 int4 GEMVs stop at ~50% of
 # copy bandwidth. Nsight Compute counters of tinygemm, the K-packed GEMV and the new half2
-# GEMV (llama2-7b qkv and gate_up); the GEMV sweep with the half2 kernel; then AWQ L1 on
-# the Llama-2-7B shape in float16 with programmatic dependent launch off and on.
+# GEMV (llama2-7b qkv and gate_up); the GEMV sweep with the half2 kernel.
 source "$(dirname "$0")/device_env.sh"
 git log -1 --format=%h
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -14,8 +13,3 @@ grep -E "^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Registers Per|Achieved Occupa
 timeout 330 python3 benchmarks/kernels/bench_awq_gemv.py --model llama2-7b --tokens 1 --sweep --h2 \
   --json $OUT/sweep36.json > $OUT/sweep36.log 2>&1
 grep -E "sweep \(best|: tinygemm|: h2|^\||FAIL|four linears|copy" $OUT/sweep36.log | tail -40
-for flag in 0 1; do
-  echo "== AWQ fp16, KVFLOW_PDL=$flag"
-  KVFLOW_PDL=$flag timeout 110 python3 benchmarks/awq_bench.py --shape llama2-7b --quick --skip T1 \
-    --dtype float16 --awq-kernels auto 2>&1 | grep -E "^\| L1|Error|error" | tail -5
-done

@@ -57,7 +57,7 @@ def pdl_enabled() -> bool:
     raise ValueError(f"KVFLOW_PDL={raw!r} must be 0 or 1.")
 
 
-AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv")
+AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv", "h2")
 
 
 def awq_kernel() -> str:
@@ -68,7 +68,8 @@ def awq_kernel() -> str:
     measured table still prefers it, else the Triton GEMM; ``gemv``: the K-packed GEMV
     for every small batch (no tinygemm); ``int4pack``: tinygemm for small batches, an
     unsupported layer is an error; ``triton``: neither repack (the Triton kernels over
-    AutoAWQ's layout). See ``kvflow.quantization.awq``.
+    AutoAWQ's layout); ``h2``: as ``auto``, but one float16 token runs the half2 GEMV
+    (``kvflow.kernels.awq_gemv_h2``). See ``kvflow.quantization.awq``.
     """
     raw = os.environ.get("KVFLOW_AWQ_KERNEL", "").strip().lower() or "auto"
     if raw not in AWQ_KERNELS:

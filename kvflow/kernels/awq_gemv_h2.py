@@ -42,6 +42,9 @@ from kvflow.kernels import pdl
 from kvflow.kernels.gemv import k_split, split_k_epilogue, sum_splits
 
 
+_PAIR_MASK = 0x000F000F  # a run-time argument (see the kernel's docstring)
+
+
 @triton.jit
 def _halves(a):
     """int32 holding a half2 -> (low, high) as float32."""
@@ -100,13 +103,15 @@ def _add2_emulated(a, b):
 def _awq_gemv_h2_kernel(
     x_ptr, w_ptr, sz_ptr, bias_ptr, out_ptr, partial_ptr,
     N, K, words_per_row, k_per_split, words_per_split, pairs_per_split, groups_per_row,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, GROUP: tl.constexpr,
+    pair_mask, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, GROUP: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """y[0, tile] over K range [s * k_per_split, + k_per_split) of program (n, s).
 
     Grid: ``(cdiv(N, BLOCK_N), S)``. ``x_ptr`` is the token as int32 pairs [K/2].
+    ``pair_mask`` is 0x000F000F at run time: as a constant, ptxas would spend the and-or's
+    one immediate slot on 0x64006400 and re-materialize the mask for every pair.
 
     Constexprs:
       BLOCK_N: rows of W (outputs) per program.
@@ -150,7 +155,7 @@ def _awq_gemv_h2_kernel(
         h = tl.zeros((BLOCK_N, BLOCKS, 4), dtype=tl.int32)  # half2 zeros
         for j in tl.static_range(4):
             xj = tl.load(x_ptrs + 4 * j)  # [1, BB, 4]
-            v = ((w >> (4 * j)) & 0x000F000F) | 0x64006400  # half2 (1024 + q, 1024 + q')
+            v = ((w >> (4 * j)) & pair_mask) | 0x64006400  # half2 (1024 + q, 1024 + q')
             h = _fma2(_sub2(v, zz, EMULATE), xj, h, EMULATE)
         if EMULATE:
             hb = tl.reduce(h, 2, _add2_emulated, keep_dims=True)  # [R, BB, 1]
@@ -238,7 +243,7 @@ def awq_gemv_h2(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Tensor
     _awq_gemv_h2_kernel[grid](
         x.view(torch.int32), words, scales_zeros, bias if bias is not None else out, out,
         partial, num_out, num_in, num_in // 8, per_split, per_split // 8, per_split // 2,
-        num_in // group_size, BLOCK_N=cfg.block_n, BLOCKS=blocks, GROUP=group_size,
+        num_in // group_size, _PAIR_MASK, BLOCK_N=cfg.block_n, BLOCKS=blocks, GROUP=group_size,
         EVEN_N=num_out % cfg.block_n == 0,
         HAS_BIAS=bias is not None and not is_split, IS_SPLIT=is_split,
         NUM_STAGES=cfg.num_stages, USE_PDL=bool(options), EMULATE=_interpreted(),
