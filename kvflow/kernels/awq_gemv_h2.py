@@ -9,17 +9,18 @@ reference (``h2_linear_ref``) live in ``kvflow.quantization.awq_h2pack``.
 At one token an int4 GEMV is a stream of weight bytes short enough that the
 instructions per weight decide whether it keeps up (``awq_gemv``'s float32 path: ~3.3
 a weight). Here a pair of weights costs one shift (three pairs in four), one and-or
-(two codes -> half2 1024 + q), one ``sub.f16x2`` (-> q - z, exact) and one
+(two codes -> half2 1 + q/64), one ``sub.f16x2`` (-> (q - z)/64, exact) and one
 ``fma.f16x2`` with the matching pair of x: ~2 instructions a weight. A step::
 
     words  [R, BB, 4]  int32, t contiguous (16-byte loads)
     x      [1, BB, 4]  int32 pairs, one 16-byte load per j (awq_h2pack's order)
-    h      [R, BB, 4]  half2 += (q - z) * x      4 pairs (j) per word, fp16
-    acc    [R, BB]     fp32 += s * (sum over t and both halves of h)
+    h      [R, BB, 4]  half2 += (q - z)/64 * x      4 pairs (j) per word, fp16
+    acc    [R, BB]     fp32 += 64 s * (sum over t and both halves of h)
 
 The fp16 sums are short (16 products a half before they go to float32: relative error
-~1e-3 of a block's sum, like an fp16 matmul's), and every block of 32 inputs lies in one
-group, so one scale multiplies it. When N / R programs are too few for the SMs, S
+~1e-3 of a block's sum, like an fp16 matmul's) and small (a product is at most 15/64 of
+|x|: a block overflows fp16 only past |x| ~ 17,000), and every block of 32 inputs lies in
+one group, so one scale multiplies it. When N / R programs are too few for the SMs, S
 programs split K and store float32 partials that ``kvflow.kernels.gemv.sum_splits``
 adds in split order (deterministic). Graph-capturable: no host syncs.
 
@@ -42,7 +43,7 @@ from kvflow.kernels import pdl
 from kvflow.kernels.gemv import k_split, split_k_epilogue, sum_splits
 
 
-_PAIR_MASK = 0x000F000F  # a run-time argument (see the kernel's docstring)
+_PAIR_MASK = 0x00F000F0  # a run-time argument (see the kernel's docstring)
 
 
 @triton.jit
@@ -110,8 +111,8 @@ def _awq_gemv_h2_kernel(
     """y[0, tile] over K range [s * k_per_split, + k_per_split) of program (n, s).
 
     Grid: ``(cdiv(N, BLOCK_N), S)``. ``x_ptr`` is the token as int32 pairs [K/2].
-    ``pair_mask`` is 0x000F000F at run time: as a constant, ptxas would spend the and-or's
-    one immediate slot on 0x64006400 and re-materialize the mask for every pair.
+    ``pair_mask`` is 0x00F000F0 at run time: as a constant, ptxas would spend the and-or's
+    one immediate slot on 0x3C003C00 and re-materialize the mask for every pair.
 
     Constexprs:
       BLOCK_N: rows of W (outputs) per program.
@@ -148,14 +149,18 @@ def _awq_gemv_h2_kernel(
             w = tl.load(w_ptrs, mask=mask_n, other=0)
         group = (k0 + offs_b * 32) // GROUP  # [1, BB, 1]: non-negative
         if EVEN_N:
-            sz = tl.load(sz_rows + group)  # [R, BB, 1]: half2 (s, 1024 + z)
+            sz = tl.load(sz_rows + group)  # [R, BB, 1]: half2 (s, 1 + z/64)
         else:
             sz = tl.load(sz_rows + group, mask=mask_n, other=0)
-        zz = (sz & -65536) | ((sz >> 16) & 0xFFFF)  # half2 (1024 + z, 1024 + z)
+        zz = (sz & -65536) | ((sz >> 16) & 0xFFFF)  # half2 (1 + z/64, 1 + z/64)
         h = tl.zeros((BLOCK_N, BLOCKS, 4), dtype=tl.int32)  # half2 zeros
         for j in tl.static_range(4):
             xj = tl.load(x_ptrs + 4 * j)  # [1, BB, 4]
-            v = ((w >> (4 * j)) & pair_mask) | 0x64006400  # half2 (1024 + q, 1024 + q')
+            # nibbles of pair j to mantissa bits 4..7: half2 (1 + q/64, 1 + q'/64)
+            if j == 0:
+                v = ((w << 4) & pair_mask) | 0x3C003C00
+            else:
+                v = ((w >> (4 * j - 4)) & pair_mask) | 0x3C003C00
             h = _fma2(_sub2(v, zz, EMULATE), xj, h, EMULATE)
         if EMULATE:
             hb = tl.reduce(h, 2, _add2_emulated, keep_dims=True)  # [R, BB, 1]
@@ -163,7 +168,7 @@ def _awq_gemv_h2_kernel(
             hb = tl.reduce(h, 2, _add2_asm, keep_dims=True)
         lo, hi = _halves(hb)
         scale, _ = _halves(sz)
-        acc += (lo + hi) * scale
+        acc += (lo + hi) * (scale * 64.0)
         w_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
     y = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, R]
@@ -231,6 +236,8 @@ def awq_gemv_h2(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Tensor
         assert bias.shape == (num_out,) and bias.is_contiguous(), (
             f"bias must be a contiguous [{num_out}] tensor, got {tuple(bias.shape)}")
     cfg = config or default_config(num_out, num_in)
+    assert triton.next_power_of_2(cfg.block_n) == cfg.block_n and (
+        triton.next_power_of_2(cfg.blocks) == cfg.blocks), f"powers of two only: {cfg}"
     blocks = _blocks_for(num_in, group_size, cfg.blocks)
     block_k = 32 * blocks
     out = torch.empty(1, num_out, dtype=x.dtype, device=x.device)

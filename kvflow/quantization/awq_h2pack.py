@@ -20,13 +20,16 @@ j of all four comes from one 16-byte load of x::
     x viewed as int32 pairs P[i] = (x[2i], x[2i+1]): pair j of word t of block b is
     P[16b + 4j + t], so for fixed j the four words read P[16b + 4j + 0..3].
 
-``(word >> 4j) & 0x000F000F | 0x64006400`` is then the half2 (1024 + q_k, 1024 + q_k+1)
-exactly (0x6400 is fp16 1024, whose last mantissa bit is worth 1). Subtracting the
-half2 (1024 + z, 1024 + z) gives q - z exactly; the kernel multiplies that by x in
-fp16 and scales by s in float32 per block.
+The kernel turns a pair into a half2 with one bit-and-or: the nibbles moved to mantissa
+bits 4..7 of each half and or-ed into fp16 1.0 (0x3C00) read as 1 + q/64, exactly;
+subtracting the half2 (1 + z/64, 1 + z/64) leaves (q - z)/64, exactly. Pair 1 sits at
+bits 4..7 already, pairs 0, 2, 3 take one shift each (left 4, right 4, right 8). The
+kernel multiplies (q - z)/64 by x in fp16 (a product is at most 15/64 of |x|, so a
+block's fp16 sum of 16 products overflows only past |x| ~ 17,000) and scales by 64 s
+in float32 per block.
 
 Per group and column the layout keeps one int32 ``scales_zeros``: low half the
-checkpoint's fp16 scale s (exact), high half fp16 1024 + z (exact). 4 bytes a group,
+checkpoint's fp16 scale s (exact), high half fp16 1 + z/64 (exact). 4 bytes a group,
 as kpack and tinygemm.
 """
 
@@ -41,8 +44,8 @@ from kvflow.quantization import awq_format
 
 BLOCK = 32
 """Inputs per block of four words (one 16-byte load)."""
-MAGIC = 1024
-"""fp16 1024 (0x6400): or-ing a code into its lowest mantissa bits reads as 1024 + q."""
+CODE_SCALE = 64
+"""A code q reads as 1 + q / CODE_SCALE in fp16 (nibble in mantissa bits 4..7 of 1.0)."""
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,19 @@ class H2Weight:
     words: torch.Tensor
     """int32 [N, K/8]: nibble pairs as in the module docstring."""
     scales_zeros: torch.Tensor
-    """int32 [N, K/G]: low half fp16 s, high half fp16 1024 + z."""
+    """int32 [N, K/G]: low half fp16 s, high half fp16 1 + z/64."""
     group_size: int
     """G (K for one group over K); a multiple of 32."""
 
 
-def unsupported_reason(num_in: int, group_size: int) -> Optional[str]:
-    """Why a [*, K] layer of group ``group_size`` cannot take this layout, or None."""
+def unsupported_reason(num_in: int, group_size: Optional[int]) -> Optional[str]:
+    """Why a [*, K] layer of group ``group_size`` (None: one group over K) cannot take this
+    layout, or None."""
+    group = num_in if group_size is None else group_size
     if num_in % BLOCK:
         return f"K={num_in} is not a multiple of {BLOCK}"
-    if group_size % BLOCK:
-        return f"group_size={group_size} is not a multiple of {BLOCK}"
+    if group % BLOCK or num_in % group:
+        return f"group_size={group} is not a multiple of {BLOCK} dividing K={num_in}"
     return None
 
 
@@ -70,6 +75,8 @@ def pack_words(codes: torch.Tensor) -> torch.Tensor:
     """int [N, K] codes in 0..15 -> int32 [N, K/8] words (K a multiple of 32)."""
     num_out, num_in = codes.shape
     assert num_in % BLOCK == 0, f"K={num_in} is not a multiple of {BLOCK}"
+    assert codes.numel() == 0 or (int(codes.min()) >= 0 and int(codes.max()) <= 15), (
+        "codes must lie in 0..15")
     # k = 32b + 8j + 2t + h  ->  [N, B, j, t, h]
     grouped = codes.to(torch.int64).reshape(num_out, num_in // BLOCK, 4, 4, 2)
     word = torch.zeros(num_out, num_in // BLOCK, 4, dtype=torch.int64, device=codes.device)
@@ -94,9 +101,9 @@ def unpack_words(words: torch.Tensor) -> torch.Tensor:
 
 
 def pack_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """fp16 s [N, C] and integer z [N, C] -> int32 [N, C] (low half s, high 1024 + z)."""
+    """fp16 s [N, C] and integer z [N, C] -> int32 [N, C] (low half s, high 1 + z/64)."""
     low = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    high = (MAGIC + zeros).to(torch.float16).contiguous().view(torch.int16).to(torch.int32)
+    high = (1 + zeros.to(torch.float32) / CODE_SCALE).to(torch.float16).contiguous().view(torch.int16).to(torch.int32)
     return (low | (high << 16)).contiguous()
 
 
@@ -104,7 +111,7 @@ def unpack_scales_zeros(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch
     """int32 [N, C] -> (fp16 s [N, C], float32 z [N, C])."""
     low = (scales_zeros & 0xFFFF).to(torch.int16).view(torch.float16)
     high = (scales_zeros >> 16).to(torch.int16).view(torch.float16)
-    return low, high.to(torch.float32) - MAGIC
+    return low, (high.to(torch.float32) - 1) * CODE_SCALE
 
 
 def convert_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> H2Weight:

@@ -101,10 +101,11 @@ def test_scales_zeros_round_trip():
     assert s.dtype == torch.float16 and z.dtype == torch.float32
     assert torch.equal(s.view(torch.int16), scales.view(torch.int16))  # bit for bit
     assert torch.equal(z, zeros.to(torch.float32))
-    # The bits: low half s's pattern, high half fp16 1024 + z = 0x6400 + z.
+    # The bits: low half s's pattern, high half fp16 1 + z/64 = 0x3C00 + 16 z (z in the
+    # mantissa's bits 4..7, as the kernel puts q).
     as_int = packed.to(torch.int64) & 0xFFFFFFFF
     assert torch.equal(as_int & 0xFFFF, scales.view(torch.int16).to(torch.int64) & 0xFFFF)
-    assert torch.equal(as_int >> 16, 0x6400 + zeros.to(torch.int64))
+    assert torch.equal(as_int >> 16, 0x3C00 + 16 * zeros.to(torch.int64))
     # Transposed (non-contiguous) inputs, as convert_awq passes scales.t().
     assert torch.equal(awq_h2pack.pack_scales_zeros(scales.t().contiguous().t(), zeros), packed)
 
@@ -198,9 +199,8 @@ def _weight_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 @pytest.mark.parametrize("config", [
     None, kernels.H2GemvConfig(block_n=8, blocks=1, split_k=2, num_warps=2, num_stages=1)])
 def test_gemv_codes_at_zero_point_give_exactly_zero(config):
-    # q == z everywhere: every (1024 + q) - (1024 + z) is an exact fp16 zero, so every fp16
-    # sum is 0 and the output is exactly 0, or exactly the bias. (N a multiple of both
-    # row tiles: masked rows read code 0 and z = 0, and 1024 * x overflows fp16 there.)
+    # q == z everywhere: every (1 + q/64) - (1 + z/64) is an exact fp16 zero, so every fp16
+    # sum is 0 and the output is exactly 0, or exactly the bias.
     num_in, num_out, group = 128, 32, 32
     gen = torch.Generator().manual_seed(9)
     zeros = torch.randint(0, 16, (num_out, num_in // group), generator=gen, dtype=torch.int32)
@@ -268,6 +268,9 @@ def test_unsupported_reason_and_conversion_refusals():
     assert reason is not None and "group_size=48" in reason
     reason = awq_h2pack.unsupported_reason(128, 16)
     assert reason is not None and "group_size=16" in reason
+    assert awq_h2pack.unsupported_reason(4096, None) is None  # one group (the -1 of configs)
+    reason = awq_h2pack.unsupported_reason(96, 64)  # G does not divide K
+    assert reason is not None and "group_size=64" in reason
     with pytest.raises(AssertionError, match="group_size=16"):
         awq_h2pack.convert_awq(*_packed(64, 8, 16))
     with pytest.raises(AssertionError, match="K=48"):
@@ -277,3 +280,27 @@ def test_unsupported_reason_and_conversion_refusals():
         awq_h2pack.convert_awq(qweight, qzeros, scales.float())
     with pytest.raises(AssertionError, match="multiple of 32"):
         awq_h2pack.pack_words(torch.zeros(2, 48, dtype=torch.int32))
+
+
+def test_gemv_large_activations_stay_finite():
+    # fp16 partial sums hold (q - z)/64 * x: a block of 32 inputs of |x| = 4400, every code
+    # 15 and z = 0, sums to 16 * 15/64 * 4400 per half, far inside fp16 (as 1024-based codes
+    # it would overflow). The float32 reference is the judge.
+    num_in, num_out, group = 64, 8, 32
+    codes = torch.full((num_out, num_in), 15, dtype=torch.int32)
+    scales = torch.full((num_out, num_in // group), 1e-3, dtype=torch.float16)
+    zeros = torch.zeros(num_out, num_in // group, dtype=torch.int32)
+    hp = _weight_from_codes(codes, scales, zeros, group)
+    for x in (torch.full((1, num_in), 300.0), torch.full((1, num_in), 4400.0)):
+        x = x.to(torch.float16).to(DEVICE)
+        ref = x.float() @ awq_h2pack.dequantize_h2(hp).t()
+        got = kernels.awq_gemv_h2(x, hp.words, hp.scales_zeros, group)
+        assert torch.isfinite(got).all()
+        assert (got.float() - ref).abs().max() <= 3e-3 * ref.abs().max()
+
+
+def test_codes_out_of_range_are_refused():
+    codes = torch.zeros(2, 32, dtype=torch.int32)
+    codes[0, 0] = 16
+    with pytest.raises(AssertionError, match="0..15"):
+        awq_h2pack.pack_words(codes)
