@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Thirty-seventh device batch (sixth session): Q1 on the Llama-2-7B shape in float16 (as
+# TheBloke/Llama-2-7b-Chat-AWQ declares): the unquantized engine, AWQ `auto` (K-packed
+# GEMV at one token) and AWQ `h2` (half2 GEMV at one token), all in one run; then the same
+# with programmatic dependent launch (KVFLOW_PDL=1).
+source "$(dirname "$0")/device_env.sh"
+git log -1 --format=%h
+for flag in 0 1; do
+  echo "== KVFLOW_PDL=$flag"
+  KVFLOW_PDL=$flag timeout 250 python3 benchmarks/awq_bench.py --shape llama2-7b --quick --skip T1 \
+    --dtype float16 --awq-kernels auto,h2 > $OUT/awq37_pdl$flag.log 2>&1
+  grep -E "^\| L1|Error|error|Traceback" $OUT/awq37_pdl$flag.log | tail -12
+done
