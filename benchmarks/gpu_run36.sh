@@ -10,6 +10,6 @@ timeout 120 "$NCU" --clock-control none -k regex:"awq_gemv|tinygemm|int4" \
   --section SchedulerStats python3 benchmarks/kernels/ncu_awq.py --shapes qkv,gate_up \
   > $OUT/ncu.txt 2>&1
 grep -E "^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occ|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Block Limit Reg|Grid Size|Waves Per SM" $OUT/ncu.txt | head -150
-timeout 330 python3 benchmarks/kernels/bench_awq_gemv.py --model llama2-7b --tokens 1 --sweep --h2 \
+timeout 300 python3 benchmarks/kernels/bench_awq_gemv.py --model llama2-7b --tokens 1 --sweep --short-sweep --h2 \
   --json $OUT/sweep36.json > $OUT/sweep36.log 2>&1
 grep -E "sweep \(best|: tinygemm|: h2|^\||FAIL|four linears|copy" $OUT/sweep36.log | tail -40

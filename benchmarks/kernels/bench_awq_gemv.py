@@ -47,6 +47,10 @@ GROUP = 128
 TOL = 1.6e-2  # of max |reference|: one bf16 rounding of the output, with margin
 
 
+SHORT_SWEEP = False
+"""``--short-sweep``: a third of each candidate list (for a short device lease)."""
+
+
 def candidates():
     """(block_n, block_k, num_warps, num_stages) x splits of the sweep.
 
@@ -60,10 +64,11 @@ def candidates():
               (32, 1024, 8, 3), (8, 1024, 2, 3), (64, 256, 4, 3), (32, 512, 4, 3)]
     short_k = [(16, 128, 2, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 2, 2),
                (32, 256, 4, 2), (64, 256, 8, 2)]
-    return ([AWQGemvConfig(bn, bk, split, warps, stages)
-             for bn, bk, warps, stages in long_k for split in (1, 2, 4)]
-            + [AWQGemvConfig(bn, bk, split, warps, stages)
-               for bn, bk, warps, stages in short_k for split in (8, 16, 32)])
+    out = ([AWQGemvConfig(bn, bk, split, warps, stages)
+            for bn, bk, warps, stages in long_k for split in (1, 2, 4)]
+           + [AWQGemvConfig(bn, bk, split, warps, stages)
+              for bn, bk, warps, stages in short_k for split in (8, 16, 32)])
+    return out[::3] if SHORT_SWEEP else out
 
 
 def h2_candidates():
@@ -73,8 +78,9 @@ def h2_candidates():
 
     tiles = [(16, 8, 4, 3), (32, 8, 4, 3), (64, 8, 4, 3), (64, 4, 4, 2), (32, 16, 8, 3),
              (16, 16, 4, 2), (8, 8, 2, 3), (64, 8, 8, 4), (128, 4, 8, 2)]
-    return [H2GemvConfig(bn, bb, split, warps, stages)
-            for bn, bb, warps, stages in tiles for split in (1, 2, 4, 8)]
+    out = [H2GemvConfig(bn, bb, split, warps, stages)
+           for bn, bb, warps, stages in tiles for split in (1, 2, 4, 8)]
+    return out[::2] if SHORT_SWEEP else out
 
 
 def _warm(jobs: list[tuple[int, dict]]) -> int:
@@ -226,11 +232,14 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep ahead")
     ap.add_argument("--smoke", action="store_true", help="toy shapes on CPU (interpreter)")
+    ap.add_argument("--short-sweep", action="store_true", help="a third of the candidates")
     ap.add_argument("--h2", action="store_true", help="also the half2 GEMV (one token)")
     ap.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_SHAPES),
                     help="whose four linears to time")
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(","))
+    global SHORT_SWEEP
+    SHORT_SWEEP = args.short_sweep
     if args.smoke or not torch.cuda.is_available():
         bg.DEVICE = "cpu"
     shapes = SMOKE_SHAPES if args.smoke else MODEL_SHAPES[args.model]
