@@ -8,6 +8,6 @@ git log -1 --format=%h
 for flag in 0 1; do
   echo "== KVFLOW_PDL=$flag"
   KVFLOW_PDL=$flag timeout 250 python3 benchmarks/awq_bench.py --shape llama2-7b --quick --skip T1 \
-    --dtype float16 --awq-kernels auto,h2 > $OUT/awq37_pdl$flag.log 2>&1
+    --dtype float16 --awq-kernels auto > $OUT/awq37_pdl$flag.log 2>&1
   grep -E "^\| L1|Error|error|Traceback" $OUT/awq37_pdl$flag.log | tail -12
 done

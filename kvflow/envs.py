@@ -48,16 +48,17 @@ def torch_profiler_dir() -> str | None:
 
 def pdl_enabled() -> bool:
     """Whether kvflow's decode-path Triton kernels launch with programmatic dependent
-    launch on Hopper GPUs (KVFLOW_PDL=1; default 0). See ``kvflow.kernels.pdl``."""
+    launch on Hopper GPUs (KVFLOW_PDL, default 1; 0 turns it off). See
+    ``kvflow.kernels.pdl``."""
     raw = os.environ.get("KVFLOW_PDL", "").strip()
-    if raw in ("", "0"):
+    if raw == "0":
         return False
-    if raw == "1":
+    if raw in ("", "1"):
         return True
     raise ValueError(f"KVFLOW_PDL={raw!r} must be 0 or 1.")
 
 
-AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv", "h2")
+AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv")
 
 
 def awq_kernel() -> str:
@@ -68,8 +69,7 @@ def awq_kernel() -> str:
     measured table still prefers it, else the Triton GEMM; ``gemv``: the K-packed GEMV
     for every small batch (no tinygemm); ``int4pack``: tinygemm for small batches, an
     unsupported layer is an error; ``triton``: neither repack (the Triton kernels over
-    AutoAWQ's layout); ``h2``: as ``auto``, but one float16 token runs the half2 GEMV
-    (``kvflow.kernels.awq_gemv_h2``). See ``kvflow.quantization.awq``.
+    AutoAWQ's layout). See ``kvflow.quantization.awq``.
     """
     raw = os.environ.get("KVFLOW_AWQ_KERNEL", "").strip().lower() or "auto"
     if raw not in AWQ_KERNELS:

@@ -11,9 +11,6 @@ miss L2):
   tinygemm      ``torch._weight_int4pack_mm`` on ``awq_int4pack``'s repack (today's default)
   gemv          ``awq_gemv`` with the shipped config (``default_gemv_config``)
   gemv sweep    (``--sweep``) every config of ``CANDIDATES``; the best is printed
-  h2            (``--h2``, one token) ``awq_gemv_h2`` on ``awq_h2pack``'s layout with a
-                float16 token (half2 arithmetic), its default and, with ``--sweep``,
-                every config of ``h2_candidates``
 
 TB/s counts the int4 codes, the scale/zero pairs (4 bytes a group and column), x and y;
 % is of the device's copy bandwidth measured in the same run. Every kernel's output
@@ -48,7 +45,7 @@ TOL = 1.6e-2  # of max |reference|: one bf16 rounding of the output, with margin
 
 
 SHORT_SWEEP = False
-"""``--short-sweep``: a third of each candidate list (for a short device lease)."""
+"""``--short-sweep``: a third of the candidates (for a short device lease)."""
 
 
 def candidates():
@@ -71,18 +68,6 @@ def candidates():
     return out[::3] if SHORT_SWEEP else out
 
 
-def h2_candidates():
-    """(block_n, blocks, split, num_warps, num_stages) of the half2 GEMV's sweep: rows per
-    program x 32-input blocks per step, from long K runs to many short programs."""
-    from kvflow.kernels.awq_gemv_h2 import H2GemvConfig
-
-    tiles = [(16, 8, 4, 3), (32, 8, 4, 3), (64, 8, 4, 3), (64, 4, 4, 2), (32, 16, 8, 3),
-             (16, 16, 4, 2), (8, 8, 2, 3), (64, 8, 8, 4), (128, 4, 8, 2)]
-    out = [H2GemvConfig(bn, bb, split, warps, stages)
-           for bn, bb, warps, stages in tiles for split in (1, 2, 4, 8)]
-    return out[::2] if SHORT_SWEEP else out
-
-
 def _warm(jobs: list[tuple[int, dict]]) -> int:
     """Compiles configs in a child process (fills Triton's on-disk cache)."""
     from kvflow.kernels.awq_gemv import AWQGemvConfig, awq_gemv
@@ -97,21 +82,7 @@ def _warm(jobs: list[tuple[int, dict]]) -> int:
     return len(jobs)
 
 
-def _warm_h2(jobs: list[dict]) -> int:
-    """Compiles half2 GEMV configs in a child process (split and unsplit, even rows)."""
-    from kvflow.kernels.awq_gemv_h2 import H2GemvConfig, awq_gemv_h2
-    from kvflow.quantization import awq_format, awq_h2pack
-
-    weight = torch.randn(256, 2048, device="cuda")
-    hp = awq_h2pack.convert_awq(*awq_format.quantize(weight, GROUP))
-    x = torch.randn(1, 2048, device="cuda").half()
-    for cfg in jobs:
-        awq_gemv_h2(x, hp.words, hp.scales_zeros, hp.group_size, config=H2GemvConfig(**cfg))
-    torch.cuda.synchronize()
-    return len(jobs)
-
-
-def compile_ahead(tokens: tuple[int, ...], num_jobs: int, h2: bool = False) -> None:
+def compile_ahead(tokens: tuple[int, ...], num_jobs: int) -> None:
     """Every (M, config) of the sweep, compiled by ``num_jobs`` processes. The small
     warm-up shape specializes like the real ones (every size argument divisible by
     16); a split of 2048 inputs exercises the split and unsplit kernels."""
@@ -122,19 +93,12 @@ def compile_ahead(tokens: tuple[int, ...], num_jobs: int, h2: bool = False) -> N
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_jobs, mp_context=ctx) as pool:
         done = sum(pool.map(_warm, [c for c in chunks if c]))
-        if h2:
-            h2_jobs = [asdict(c) for c in h2_candidates() if c.split_k <= 2]
-            done += sum(pool.map(_warm_h2, [h2_jobs[i::num_jobs] for i in range(num_jobs)
-                                            if h2_jobs[i::num_jobs]]))
-    print(f"compiled {done} configs ahead", flush=True)
+    print(f"compiled {done} (M, config) pairs ahead", flush=True)
 
 
-def run(shapes, tokens: tuple[int, ...], sweep: bool, copy_tbs: float,
-        h2: bool = False) -> list[dict]:
+def run(shapes, tokens: tuple[int, ...], sweep: bool, copy_tbs: float) -> list[dict]:
     from kvflow.kernels.awq_gemv import awq_gemv, default_gemv_config
-    from kvflow.kernels.awq_gemv_h2 import awq_gemv_h2
-    from kvflow.kernels.awq_gemv_h2 import default_config as h2_default
-    from kvflow.quantization import awq_format, awq_h2pack, awq_int4pack, awq_kpack
+    from kvflow.quantization import awq_format, awq_int4pack, awq_kpack
 
     rows = []
     for name, n, k in shapes:
@@ -142,7 +106,6 @@ def run(shapes, tokens: tuple[int, ...], sweep: bool, copy_tbs: float,
         packed = bg.packed_weights(n, k, copies) if bg.DEVICE == "cuda" else [
             awq_format.quantize(torch.randn(n, k), GROUP)]
         kpacks = [awq_kpack.convert_awq(*p) for p in packed]
-        h2packs = [awq_h2pack.convert_awq(*p) for p in packed] if h2 else []
         has_tiny = awq_int4pack.unsupported_reason(k, n, GROUP, torch.bfloat16,
                                                    torch.device(bg.DEVICE)) is None
         tinies = [awq_int4pack.convert_awq(*p, GROUP) for p in packed] if has_tiny else []
@@ -175,33 +138,13 @@ def run(shapes, tokens: tuple[int, ...], sweep: bool, copy_tbs: float,
                 row["sweep"] = swept
                 print(f"  {label} sweep (best 6): "
                       + "; ".join(f"{t:.1f} {c}" for t, c in swept[:6]), flush=True)
-            if h2 and m == 1:
-                xh = x.half()
-                ref_h = xh.float() @ weight.t()
-
-                def gemv_h2(i, cfg=None):
-                    hp = h2packs[i]
-                    return awq_gemv_h2(xh, hp.words, hp.scales_zeros, hp.group_size, config=cfg)
-
-                row["h2"] = bg.time_config(gemv_h2, len(h2packs), ref_h,
-                                           f"{label} h2 {h2_default(n, k)}", TOL)
-                if sweep:
-                    swept = sorted(
-                        (bg.time_config(lambda i, c=cand: gemv_h2(i, c), len(h2packs), ref_h,
-                                        f"{label} h2 {cand}", TOL), str(cand))
-                        for cand in h2_candidates())
-                    row["h2_sweep"] = swept
-                    print(f"  {label} h2 sweep (best 6): "
-                          + "; ".join(f"{t:.1f} {c}" for t, c in swept[:6]), flush=True)
-                print(f"{label}: h2 {row['h2']:.1f} us "
-                      f"({100 * num_bytes / row['h2'] / 1e6 / copy_tbs:.0f}% of copy)", flush=True)
             tiny = row["tinygemm"]
             print(f"{label}: tinygemm {'-' if tiny is None else f'{tiny:.1f}'} us | gemv "
                   f"{row['gemv']:.1f} us ({num_bytes / row['gemv'] / 1e6:.2f} TB/s, "
                   f"{100 * num_bytes / row['gemv'] / 1e6 / copy_tbs:.0f}% of copy)",
                   flush=True)
             rows.append(row)
-        del packed, kpacks, tinies, h2packs
+        del packed, kpacks, tinies
         if bg.DEVICE == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -233,7 +176,6 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep ahead")
     ap.add_argument("--smoke", action="store_true", help="toy shapes on CPU (interpreter)")
     ap.add_argument("--short-sweep", action="store_true", help="a third of the candidates")
-    ap.add_argument("--h2", action="store_true", help="also the half2 GEMV (one token)")
     ap.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_SHAPES),
                     help="whose four linears to time")
     args = ap.parse_args()
@@ -247,8 +189,8 @@ def main() -> int:
     if bg.DEVICE == "cuda":
         print(torch.cuda.get_device_name(), f"copy {copy_tbs:.2f} TB/s", flush=True)
         if args.sweep:
-            compile_ahead(tokens, args.jobs, args.h2)
-    rows = run(shapes, tokens, args.sweep and not args.smoke, copy_tbs, args.h2)
+            compile_ahead(tokens, args.jobs)
+    rows = run(shapes, tokens, args.sweep and not args.smoke, copy_tbs)
     print_table(rows, copy_tbs)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

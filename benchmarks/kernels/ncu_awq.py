@@ -3,8 +3,8 @@
     ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         python benchmarks/kernels/ncu_awq.py [--model llama2-7b] [--shapes qkv,gate_up]
 
-For each linear of the model (group 128, one token): tinygemm (bf16), the K-packed GEMV
-(bf16, shipped config) and the half2 GEMV (fp16, default config), each launched twice
+For each linear of the model (group 128, one token): tinygemm (bf16) and the K-packed
+GEMV (bf16, shipped config), each launched twice
 (the first compiles; profile the second with ``--launch-skip``/``-k``). Prints nothing
 worth reading itself: the counters are ncu's.
 """
@@ -23,8 +23,7 @@ from bench_awq_gemv import GROUP, MODEL_SHAPES  # noqa: E402
 
 def main() -> None:
     from kvflow.kernels.awq_gemv import awq_gemv
-    from kvflow.kernels.awq_gemv_h2 import awq_gemv_h2
-    from kvflow.quantization import awq_format, awq_h2pack, awq_int4pack, awq_kpack
+    from kvflow.quantization import awq_format, awq_int4pack, awq_kpack
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama2-7b", choices=sorted(MODEL_SHAPES))
@@ -36,14 +35,11 @@ def main() -> None:
             continue
         packed = awq_format.quantize(torch.randn(n, k, device="cuda") * 0.02, GROUP)
         kp = awq_kpack.convert_awq(*packed)
-        hp = awq_h2pack.convert_awq(*packed)
         tiny = awq_int4pack.convert_awq(*packed, GROUP)
         x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
-        xh = x.half()
         for _ in range(2):
             awq_int4pack.int4pack_linear(x, tiny)
             awq_gemv(x, kp.words, kp.scales_zeros, kp.group_size)
-            awq_gemv_h2(xh, hp.words, hp.scales_zeros, hp.group_size)
         torch.cuda.synchronize()
         print(f"{name} {n}x{k} done", flush=True)
 

@@ -30,7 +30,7 @@ from torch import nn
 from kvflow import envs
 from kvflow.layers.linear import LinearMethod, set_weight_attrs
 from kvflow.logger import init_logger
-from kvflow.quantization import awq_format, awq_h2pack, awq_int4pack, awq_kpack
+from kvflow.quantization import awq_format, awq_int4pack, awq_kpack
 from kvflow.quantization.detect import CheckpointQuantConfig, find_quant_config
 
 logger = init_logger(__name__)
@@ -195,10 +195,7 @@ class AWQLinearMethod(LinearMethod):
     ``gemv`` repacks every layer for the GEMV only (also on CPU, where the Triton
     kernel then runs under TRITON_INTERPRET=1: the tests' way into this path);
     ``int4pack`` repacks every layer for tinygemm and raises where it cannot (on CPU
-    through torch's CPU twin of the op); ``triton`` never repacks; ``h2`` does what
-    ``auto`` does and also repacks every layer whose K and group are multiples of 32 for
-    the half2 GEMV (``layer.h2pack``), which then takes one float16 token (also on CPU,
-    under TRITON_INTERPRET=1, for the tests).
+    through torch's CPU twin of the op); ``triton`` never repacks.
 
     Memory: a repacked layer keeps its AWQ tensors too, for larger batches (the
     Triton GEMM and dequantize + cuBLAS read them), so its int4 bytes roughly double
@@ -221,7 +218,7 @@ class AWQLinearMethod(LinearMethod):
         self.max_int4pack_tokens = max_int4pack_tokens
         from kvflow.kernels.awq_gemv import MAX_TOKENS
         if max_gemv_tokens is None:
-            max_gemv_tokens = (AUTO_MAX_GEMV_TOKENS if kernel in ("auto", "h2")
+            max_gemv_tokens = (AUTO_MAX_GEMV_TOKENS if kernel == "auto"
                                else DEFAULT_MAX_GEMV_TOKENS if kernel == "gemv" else 0)
         if not 0 <= max_gemv_tokens <= MAX_TOKENS:
             raise ValueError(f"max_gemv_tokens={max_gemv_tokens}: the AWQ GEMV holds 0.."
@@ -268,7 +265,6 @@ class AWQLinearMethod(LinearMethod):
         layer.register_buffer("dequantized_weight", None, persistent=False)
         layer.int4pack = None  # awq_int4pack.Int4PackWeight once repacked
         layer.kpack = None  # awq_kpack.KPackWeight once repacked
-        layer.h2pack = None  # awq_h2pack.H2Weight once repacked
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """On CPU, dequantizes once into ``layer.dequantized_weight`` [N, K].
@@ -283,12 +279,8 @@ class AWQLinearMethod(LinearMethod):
         tensor-parallel layers repack exactly what they multiply.
         """
         device = layer.qweight.device
-        is_auto_cuda = self.kernel in ("auto", "h2") and device.type == "cuda"
+        is_auto_cuda = self.kernel == "auto" and device.type == "cuda"
         layer.gemv_tokens = self.max_gemv_tokens
-        group = self.config.group_size or layer.qweight.shape[0]
-        if (self.kernel == "h2" and layer.awq_dtype == torch.float16
-                and awq_h2pack.unsupported_reason(layer.qweight.shape[0], group) is None):
-            layer.h2pack = awq_h2pack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
         if self.kernel == "gemv" or (is_auto_cuda and self.max_gemv_tokens > 0):
             # Any AWQ layer fits the GEMV's layout (K a multiple of 8, G dividing K).
             layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
@@ -299,8 +291,7 @@ class AWQLinearMethod(LinearMethod):
             layer.gemv_tokens = auto_gemv_tokens(layer.int4pack is not None, self.max_gemv_tokens)
             if layer.gemv_tokens:
                 layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
-        if (device.type == "cpu" and layer.int4pack is None and layer.kpack is None
-                and layer.h2pack is None):
+        if device.type == "cpu" and layer.int4pack is None and layer.kpack is None:
             layer.dequantized_weight = awq_format.dequantize(
                 layer.qweight, layer.qzeros, layer.scales, layer.awq_dtype)
 
@@ -326,13 +317,6 @@ class AWQLinearMethod(LinearMethod):
         if cached is not None:
             return F.linear(x, cached, bias)
         num_tokens = x.numel() // x.shape[-1]
-        h2pack = layer.h2pack
-        if h2pack is not None and num_tokens == 1 and x.dtype == torch.float16:
-            from kvflow.kernels.awq_gemv_h2 import awq_gemv_h2
-
-            y = awq_gemv_h2(x.reshape(1, x.shape[-1]).contiguous(), h2pack.words,
-                            h2pack.scales_zeros, h2pack.group_size, bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
         kpack = layer.kpack
         gemv_tokens = getattr(layer, "gemv_tokens", self.max_gemv_tokens)
         if (kpack is not None and 0 < num_tokens <= gemv_tokens

@@ -20,7 +20,7 @@ from kvflow.kernels import pdl
 ON_GPU = torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("raw, expected", [("", False), ("0", False), ("1", True)])
+@pytest.mark.parametrize("raw, expected", [("", True), ("0", False), ("1", True)])
 def test_knob(monkeypatch, raw, expected):
     monkeypatch.setenv("KVFLOW_PDL", raw)
     assert envs.pdl_enabled() is expected

@@ -83,6 +83,24 @@ def test_gemv_splits_and_bias(config):
     assert (got.float() - expected).abs().max() <= TOL[torch.float16] * expected.abs().max()
 
 
+@pytest.mark.parametrize("num_in, num_out, expect", [
+    (1024, 256, (64, 128, 8, 1)),  # K >= 2N (down): 64 rows, one 128-input step, 8 splits
+    (256, 1024, (64, 256, 1, 3)),  # N >= 4K (gate_up): 64 rows x 256 inputs, no split
+    (512, 384, (16, 512, 1, 3)),  # the rest: the general tile
+])
+def test_default_one_token_tiles_by_shape(num_in, num_out, expect):
+    # The measured tiles (run 36) are picked by shape at one token and give the reference.
+    cfg = kernels.default_gemv_config(1, num_out, num_in, 64, torch.device(DEVICE))
+    assert (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages) == expect
+    assert kernels.default_gemv_config(2, num_out, num_in, 64, torch.device(DEVICE)).block_n == 16
+    kp = awq_kpack.convert_awq(*(t.to(DEVICE) for t in _packed(num_in, num_out, 64, seed=3)))
+    x = torch.randn(1, num_in, generator=torch.Generator().manual_seed(4))
+    x = x.to(torch.float16).to(DEVICE)
+    expected = awq_kpack.kpack_linear_ref(x, kp).float()
+    got = kernels.awq_gemv(x, kp.words, kp.scales_zeros, kp.group_size)
+    assert (got.float() - expected).abs().max() <= TOL[torch.float16] * expected.abs().max()
+
+
 def test_gemv_rejects_bad_inputs():
     kp = awq_kpack.convert_awq(*(t.to(DEVICE) for t in _packed(128, 16, 32)))
     x = torch.randn(5, 128).to(torch.float16).to(DEVICE)
