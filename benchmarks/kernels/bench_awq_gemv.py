@@ -46,6 +46,8 @@ TOL = 1.6e-2  # of max |reference|: one bf16 rounding of the output, with margin
 
 SHORT_SWEEP = False
 """``--short-sweep``: a third of the candidates (for a short device lease)."""
+CONFIGS: list = []
+"""``--configs``: explicit candidates, replacing the lists below."""
 
 
 def candidates():
@@ -57,6 +59,8 @@ def candidates():
     GEMV; here the splits are still summed in a fixed order, not by float atomics)."""
     from kvflow.kernels.awq_gemv import AWQGemvConfig
 
+    if CONFIGS:
+        return [AWQGemvConfig(*c) for c in CONFIGS]
     long_k = [(16, 1024, 4, 3), (16, 1024, 4, 4), (16, 1024, 4, 2), (16, 2048, 8, 3),
               (32, 1024, 8, 3), (8, 1024, 2, 3), (64, 256, 4, 3), (32, 512, 4, 3)]
     short_k = [(16, 128, 2, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 2, 2),
@@ -176,12 +180,15 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep ahead")
     ap.add_argument("--smoke", action="store_true", help="toy shapes on CPU (interpreter)")
     ap.add_argument("--short-sweep", action="store_true", help="a third of the candidates")
+    ap.add_argument("--configs", default="",
+                    help="explicit sweep: 'block_n,block_k,split,warps,stages;...'")
     ap.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_SHAPES),
                     help="whose four linears to time")
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(","))
     global SHORT_SWEEP
     SHORT_SWEEP = args.short_sweep
+    CONFIGS.extend(tuple(int(v) for v in c.split(",")) for c in args.configs.split(";") if c)
     if args.smoke or not torch.cuda.is_available():
         bg.DEVICE = "cpu"
     shapes = SMOKE_SHAPES if args.smoke else MODEL_SHAPES[args.model]
