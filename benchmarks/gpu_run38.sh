@@ -12,12 +12,12 @@ for flag in 1 0; do
   KVFLOW_PDL=$flag timeout 75 python3 benchmarks/gpu_suite.py --skip L1hf,T1,T1hf,T2,T2hf,C1,K1 \
     2>&1 | grep "^| L1" | tail -3
 done
+echo "== AWQ fp16 llama2-7b (PDL on, new tiles)"
+timeout 200 python3 benchmarks/awq_bench.py --shape llama2-7b --quick --skip T1 --dtype float16 \
+  --awq-kernels auto > $OUT/awq38.log 2>&1
+grep -E "^\| L1|Error|error|Traceback" $OUT/awq38.log | tail -6
 echo "== K-packed GEMV tiles with more rows a thread (x reuse), llama2-7b, one token"
 timeout 150 python3 benchmarks/kernels/bench_awq_gemv.py --model llama2-7b --tokens 1 --sweep \
   --configs "128,128,1,4,1;128,128,4,4,1;128,128,8,4,1;128,128,1,2,1;128,128,4,2,1;128,128,8,2,1;256,128,1,4,1;256,128,4,4,1;256,128,8,4,1;256,128,4,8,1;128,256,1,4,2;128,256,4,4,2;64,128,8,4,1" \
   > $OUT/sweep38.log 2>&1
 grep -E "sweep \(best|^\||FAIL|four linears" $OUT/sweep38.log | tail -12
-echo "== AWQ fp16 llama2-7b (PDL on, new tiles)"
-timeout 200 python3 benchmarks/awq_bench.py --shape llama2-7b --quick --skip T1 --dtype float16 \
-  --awq-kernels auto > $OUT/awq38.log 2>&1
-grep -E "^\| L1|Error|error|Traceback" $OUT/awq38.log | tail -6
