@@ -186,13 +186,18 @@ def default_gemv_config(m: int, n: int, k: int, group_size: int,
     One token, by shape (run 36, Llama-2-7B's linears, us per call in CUDA graphs): long
     K against N (down, K >= 2N) runs 64 rows x 128 inputs in 8 K splits, one step each
     (20.1 us against 22.6 for the general tile); wide N (gate_up, N >= 4K) 64 rows x 256
-    inputs, no split (30.7 against 32.8); the rest (qkv, o) the general tile, 16 rows x
-    512 inputs, which stayed the best or within 3% there. More tokens: the general tile.
+    inputs, no split (30.7 against 32.8); N in [2K, 4K) (qkv of an MHA model) 128 rows x
+    128 inputs in 4 splits (run 38: 17.4 against 21.7; more rows a thread reuse x, which
+    is what bounds these kernels: L1/TEX 74-79% busy under ncu, run 36); the rest (o)
+    the general tile, 16 rows x 512 inputs. More tokens: the general tile.
     """
     del group_size, device
     block_k = 512 if k % 512 == 0 else (256 if k % 256 == 0 else 128 if k % 128 == 0 else 64)
     if m == 1 and k >= 2 * n:
         return AWQGemvConfig(block_n=64, block_k=min(block_k, 128), split_k=8, num_warps=4,
+                             num_stages=1)
+    if m == 1 and 2 * k <= n < 4 * k:
+        return AWQGemvConfig(block_n=128, block_k=min(block_k, 128), split_k=4, num_warps=4,
                              num_stages=1)
     if m == 1 and n >= 4 * k:
         return AWQGemvConfig(block_n=64, block_k=min(block_k, 256), split_k=1, num_warps=4,

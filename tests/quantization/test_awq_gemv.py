@@ -86,6 +86,7 @@ def test_gemv_splits_and_bias(config):
 @pytest.mark.parametrize("num_in, num_out, expect", [
     (1024, 256, (64, 128, 8, 1)),  # K >= 2N (down): 64 rows, one 128-input step, 8 splits
     (256, 1024, (64, 256, 1, 3)),  # N >= 4K (gate_up): 64 rows x 256 inputs, no split
+    (256, 768, (128, 128, 4, 1)),  # 2K <= N < 4K (MHA qkv): 128 rows x 128 inputs, 4 splits
     (512, 384, (16, 512, 1, 3)),  # the rest: the general tile
 ])
 def test_default_one_token_tiles_by_shape(num_in, num_out, expect):
