@@ -134,6 +134,30 @@ def test_remote_code_layout_matches_transformers(variant, references, tmp_path, 
     assert tiny_models.kvflow_greedy(llm, prompts, NEW_TOKENS) == expected
 
 
+def _transformers_split_heads(hf_attn, x, monkeypatch):
+    """q, k, v [1, T, H or Hkv, D] as transformers' FalconAttention splits its fused
+    projection of x. Older versions expose the split as ``_split_heads``; newer ones do it
+    inside ``forward``, so there it is read off what forward hands its attention function,
+    with rotary made the identity (it is applied after the split)."""
+    with torch.no_grad():
+        if hasattr(hf_attn, "_split_heads"):
+            return hf_attn._split_heads(hf_attn.query_key_value(x))
+        from transformers.models.falcon import modeling_falcon
+
+        seen = {}
+
+        def capture(module, query, key, value, *args, **kwargs):  # [1, H or Hkv, T, D]
+            seen.update(q=query.transpose(1, 2), k=key.transpose(1, 2), v=value.transpose(1, 2))
+            return torch.zeros_like(query).transpose(1, 2), None
+
+        monkeypatch.setattr(modeling_falcon, "apply_rotary_pos_emb", lambda q, k, *_: (q, k))
+        monkeypatch.setattr(modeling_falcon, "eager_attention_forward", capture)
+        monkeypatch.setattr(hf_attn.config, "_attn_implementation", "eager")
+        ones = torch.ones(1, x.shape[1], hf_attn.head_dim)
+        hf_attn(x, attention_mask=None, position_embeddings=(ones, ones))
+        return seen["q"], seen["k"], seen["v"]
+
+
 @pytest.mark.parametrize("variant,tp", [("40b", 2), ("40b", 4), ("7b", 2), ("rw_alibi", 2)])
 def test_tensor_parallel_shards_follow_transformers_split(variant, tp, references, monkeypatch):
     """Rank r's q/k/v of the fused projection are the heads transformers' split gives it.
@@ -153,8 +177,7 @@ def test_tensor_parallel_shards_follow_transformers_split(variant, tp, reference
     path, _, _ = references(variant)
     hf_attn = AutoModelForCausalLM.from_pretrained(path).transformer.h[1].self_attention
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        q, k, v = hf_attn._split_heads(hf_attn.query_key_value(x))  # [1, T, H or Hkv, D] each
+    q, k, v = _transformers_split_heads(hf_attn, x, monkeypatch)  # [1, T, H or Hkv, D] each
     num_heads = hf_attn.num_heads
     num_kv_heads = 1 if k.shape[2] == 1 else hf_attn.num_kv_heads
     # The new decoder broadcasts each K/V head over its group: keep one per group.
