@@ -90,7 +90,7 @@ def test_gemv_splits_and_bias(config):
     (512, 384, (16, 512, 1, 3)),  # the rest: the general tile
 ])
 def test_default_one_token_tiles_by_shape(num_in, num_out, expect):
-    # The measured tiles (run 36) are picked by shape at one token and give the reference.
+    # The measured tiles (runs 36, 38) are picked by shape at one token and give the reference.
     cfg = kernels.default_gemv_config(1, num_out, num_in, 64, torch.device(DEVICE))
     assert (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages) == expect
     assert kernels.default_gemv_config(2, num_out, num_in, 64, torch.device(DEVICE)).block_n == 16
