@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Thirty-sixth device batch (sixth session): why the batch-1 int4 GEMVs stop at ~50% of
 # copy bandwidth. Nsight Compute counters of tinygemm, the K-packed GEMV and the new half2
-# GEMV (llama2-7b qkv and gate_up); the GEMV sweep with the half2 kernel.
+# GEMV (llama2-7b qkv and gate_up); the GEMV sweep with the half2 kernel. Ran on the tree of
+# commit a723fbf: the half2 kernel and --h2 were removed after it (history: dce21de).
 source "$(dirname "$0")/device_env.sh"
 git log -1 --format=%h
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Thirty-seventh device batch (sixth session): Q1 on the Llama-2-7B shape in float16 (as
-# TheBloke/Llama-2-7b-Chat-AWQ declares): the unquantized engine, AWQ `auto` (K-packed
-# GEMV at one token) and AWQ `h2` (half2 GEMV at one token), all in one run; then the same
-# with programmatic dependent launch (KVFLOW_PDL=1).
+# TheBloke/Llama-2-7b-Chat-AWQ declares): the unquantized engine and AWQ `auto` (K-packed
+# GEMV at one token) in one run, with programmatic dependent launch off, then on.
 source "$(dirname "$0")/device_env.sh"
 git log -1 --format=%h
 for flag in 0 1; do

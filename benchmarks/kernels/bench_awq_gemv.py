@@ -10,7 +10,8 @@ miss L2):
 
   tinygemm      ``torch._weight_int4pack_mm`` on ``awq_int4pack``'s repack (today's default)
   gemv          ``awq_gemv`` with the shipped config (``default_gemv_config``)
-  gemv sweep    (``--sweep``) every config of ``CANDIDATES``; the best is printed
+  gemv sweep    (``--sweep``) every config of ``candidates()`` (``--short-sweep``: a third;
+                ``--configs``: an explicit list); the best is printed
 
 TB/s counts the int4 codes, the scale/zero pairs (4 bytes a group and column), x and y;
 % is of the device's copy bandwidth measured in the same run. Every kernel's output
@@ -44,14 +45,10 @@ GROUP = 128
 TOL = 1.6e-2  # of max |reference|: one bf16 rounding of the output, with margin
 
 
-SHORT_SWEEP = False
-"""``--short-sweep``: a third of the candidates (for a short device lease)."""
-CONFIGS: list = []
-"""``--configs``: explicit candidates, replacing the lists below."""
-
-
-def candidates():
-    """(block_n, block_k, num_warps, num_stages) x splits of the sweep.
+def candidates(short: bool = False, explicit: tuple[tuple[int, ...], ...] = ()):
+    """(block_n, block_k, num_warps, num_stages) x splits of the sweep; ``short`` keeps a
+    third (``--short-sweep``, for a short device lease), ``explicit`` (``--configs``:
+    (block_n, block_k, split, warps, stages) each) replaces the lists below.
 
     The first tiles walk long K runs (a few splits); the second set is the opposite
     regime -- many short programs, one or two K steps each, for memory-level
@@ -59,8 +56,8 @@ def candidates():
     GEMV; here the splits are still summed in a fixed order, not by float atomics)."""
     from kvflow.kernels.awq_gemv import AWQGemvConfig
 
-    if CONFIGS:
-        return [AWQGemvConfig(*c) for c in CONFIGS]
+    if explicit:
+        return [AWQGemvConfig(*c) for c in explicit]
     long_k = [(16, 1024, 4, 3), (16, 1024, 4, 4), (16, 1024, 4, 2), (16, 2048, 8, 3),
               (32, 1024, 8, 3), (8, 1024, 2, 3), (64, 256, 4, 3), (32, 512, 4, 3)]
     short_k = [(16, 128, 2, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 2, 2),
@@ -69,7 +66,7 @@ def candidates():
             for bn, bk, warps, stages in long_k for split in (1, 2, 4)]
            + [AWQGemvConfig(bn, bk, split, warps, stages)
               for bn, bk, warps, stages in short_k for split in (8, 16, 32)])
-    return out[::3] if SHORT_SWEEP else out
+    return out[::3] if short else out
 
 
 def _warm(jobs: list[tuple[int, dict]]) -> int:
@@ -86,13 +83,13 @@ def _warm(jobs: list[tuple[int, dict]]) -> int:
     return len(jobs)
 
 
-def compile_ahead(tokens: tuple[int, ...], num_jobs: int) -> None:
+def compile_ahead(tokens: tuple[int, ...], num_jobs: int, cands: list) -> None:
     """Every (M, config) of the sweep, compiled by ``num_jobs`` processes. The small
     warm-up shape specializes like the real ones (every size argument divisible by
     16); a split of 2048 inputs exercises the split and unsplit kernels."""
     from dataclasses import asdict
 
-    jobs = [(m, asdict(cfg)) for m in tokens for cfg in candidates() if cfg.split_k <= 2]
+    jobs = [(m, asdict(cfg)) for m in tokens for cfg in cands if cfg.split_k <= 2]
     chunks = [jobs[i::num_jobs] for i in range(num_jobs)]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_jobs, mp_context=ctx) as pool:
@@ -100,7 +97,8 @@ def compile_ahead(tokens: tuple[int, ...], num_jobs: int) -> None:
     print(f"compiled {done} (M, config) pairs ahead", flush=True)
 
 
-def run(shapes, tokens: tuple[int, ...], sweep: bool, copy_tbs: float) -> list[dict]:
+def run(shapes, tokens: tuple[int, ...], cands: list, copy_tbs: float) -> list[dict]:
+    """Times every shape at every M; sweeps ``cands`` (none: the shipped config only)."""
     from kvflow.kernels.awq_gemv import awq_gemv, default_gemv_config
     from kvflow.quantization import awq_format, awq_int4pack, awq_kpack
 
@@ -132,9 +130,9 @@ def run(shapes, tokens: tuple[int, ...], sweep: bool, copy_tbs: float) -> list[d
             cfg = default_gemv_config(m, n, k, GROUP, x.device)
             row["gemv"] = bg.time_config(gemv, len(kpacks), ref, f"{label} gemv {cfg}", TOL)
             row["gemv_config"] = str(cfg)
-            if sweep:
+            if cands:
                 swept = []
-                for cand in candidates():
+                for cand in cands:
                     t = bg.time_config(lambda i, c=cand: gemv(i, c), len(kpacks), ref,
                                        f"{label} gemv {cand}", TOL)
                     swept.append((t, str(cand)))
@@ -186,9 +184,8 @@ def main() -> int:
                     help="whose four linears to time")
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(","))
-    global SHORT_SWEEP
-    SHORT_SWEEP = args.short_sweep
-    CONFIGS.extend(tuple(int(v) for v in c.split(",")) for c in args.configs.split(";") if c)
+    explicit = tuple(tuple(int(v) for v in c.split(",")) for c in args.configs.split(";") if c)
+    cands = candidates(args.short_sweep, explicit) if args.sweep and not args.smoke else []
     if args.smoke or not torch.cuda.is_available():
         bg.DEVICE = "cpu"
     shapes = SMOKE_SHAPES if args.smoke else MODEL_SHAPES[args.model]
@@ -196,8 +193,8 @@ def main() -> int:
     if bg.DEVICE == "cuda":
         print(torch.cuda.get_device_name(), f"copy {copy_tbs:.2f} TB/s", flush=True)
         if args.sweep:
-            compile_ahead(tokens, args.jobs)
-    rows = run(shapes, tokens, args.sweep and not args.smoke, copy_tbs)
+            compile_ahead(tokens, args.jobs, cands)
+    rows = run(shapes, tokens, cands, copy_tbs)
     print_table(rows, copy_tbs)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
