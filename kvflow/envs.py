@@ -58,7 +58,7 @@ def pdl_enabled() -> bool:
     raise ValueError(f"KVFLOW_PDL={raw!r} must be 0 or 1.")
 
 
-AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv")
+AWQ_KERNELS = ("auto", "triton", "int4pack", "gemv", "rows")
 
 
 def awq_kernel() -> str:
@@ -67,7 +67,9 @@ def awq_kernel() -> str:
     ``auto``: kvflow's K-packed int4 GEMV (``kvflow.kernels.awq_gemv``) for the
     smallest batches, PyTorch's tinygemm (``torch._weight_int4pack_mm``) where the
     measured table still prefers it, else the Triton GEMM; ``gemv``: the K-packed GEMV
-    for every small batch (no tinygemm); ``int4pack``: tinygemm for small batches, an
+    for every small batch (no tinygemm); ``rows``: the one-token GEMV over AutoAWQ's own
+    layout (``kvflow.kernels.awq_gemv_rows``) for one token, the Triton kernels above
+    (no repack of the codes); ``int4pack``: tinygemm for small batches, an
     unsupported layer is an error; ``triton``: neither repack (the Triton kernels over
     AutoAWQ's layout). See ``kvflow.quantization.awq``.
     """

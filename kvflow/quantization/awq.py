@@ -73,6 +73,10 @@ AUTO_MAX_GEMV_TOKENS = 0
 tinygemm). H100, benchmarks/RESULTS.md "third session: AWQ int4 GEMV": tinygemm is
 faster at 1, 2 and 4 tokens on every Llama-3-8B matrix (68.7 vs 85.2 us a layer at 1)."""
 
+AUTO_ONE_TOKEN_ROWS = False
+"""Whether ``kernel="auto"`` runs one token on ``kvflow.kernels.awq_gemv_rows`` (over
+AutoAWQ's own layout; no repack of the codes) wherever it takes the layer."""
+
 AUTO_FALLBACK_GEMV_TOKENS = 1
 """Under ``kernel="auto"``, layers tinygemm cannot run (float16 models -- the dtype AWQ
 checkpoints usually declare --, or unsupported shapes) take the K-packed GEMV for one
@@ -265,6 +269,7 @@ class AWQLinearMethod(LinearMethod):
         layer.register_buffer("dequantized_weight", None, persistent=False)
         layer.int4pack = None  # awq_int4pack.Int4PackWeight once repacked
         layer.kpack = None  # awq_kpack.KPackWeight once repacked
+        layer.scales_by_nibble = None  # awq_gemv_rows.nibble_major_scales, for one token
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """On CPU, dequantizes once into ``layer.dequantized_weight`` [N, K].
@@ -281,19 +286,35 @@ class AWQLinearMethod(LinearMethod):
         device = layer.qweight.device
         is_auto_cuda = self.kernel == "auto" and device.type == "cuda"
         layer.gemv_tokens = self.max_gemv_tokens
+        if self.kernel == "rows" or (is_auto_cuda and AUTO_ONE_TOKEN_ROWS):
+            self._prepare_rows(layer)
         if self.kernel == "gemv" or (is_auto_cuda and self.max_gemv_tokens > 0):
             # Any AWQ layer fits the GEMV's layout (K a multiple of 8, G dividing K).
             layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
         if self.kernel == "int4pack" or (
                 is_auto_cuda and self.max_int4pack_tokens > self.max_gemv_tokens):
             self._repack_for_int4pack(layer)
-        if is_auto_cuda and layer.kpack is None:
+        if is_auto_cuda and layer.kpack is None and layer.scales_by_nibble is None:
             layer.gemv_tokens = auto_gemv_tokens(layer.int4pack is not None, self.max_gemv_tokens)
             if layer.gemv_tokens:
                 layer.kpack = awq_kpack.convert_awq(layer.qweight, layer.qzeros, layer.scales)
-        if device.type == "cpu" and layer.int4pack is None and layer.kpack is None:
+        if (device.type == "cpu" and layer.int4pack is None and layer.kpack is None
+                and layer.scales_by_nibble is None):
             layer.dequantized_weight = awq_format.dequantize(
                 layer.qweight, layer.qzeros, layer.scales, layer.awq_dtype)
+
+    def _prepare_rows(self, layer: nn.Module) -> None:
+        """Sets ``layer.scales_by_nibble`` where ``awq_gemv_rows`` takes the layer (all
+        it needs beyond the checkpoint's tensors); logs and leaves None elsewhere."""
+        from kvflow.kernels import awq_gemv_rows
+
+        num_in, num_out = layer.qweight.shape[0], layer.scales.shape[1]
+        group = self.config.group_size or num_in
+        reason = awq_gemv_rows.rows_unsupported_reason(num_in, num_out, group)
+        if reason is not None:
+            logger.debug("AWQ layer [N=%d, K=%d] keeps other kernels: %s", num_out, num_in, reason)
+            return
+        layer.scales_by_nibble = awq_gemv_rows.nibble_major_scales(layer.scales)
 
     def _repack_for_int4pack(self, layer: nn.Module) -> None:
         """Sets ``layer.int4pack`` from this rank's loaded shard, or leaves it None
@@ -317,6 +338,15 @@ class AWQLinearMethod(LinearMethod):
         if cached is not None:
             return F.linear(x, cached, bias)
         num_tokens = x.numel() // x.shape[-1]
+        by_nibble = getattr(layer, "scales_by_nibble", None)
+        if (by_nibble is not None and num_tokens == 1
+                and x.dtype in (torch.float16, torch.bfloat16)):
+            from kvflow.kernels.awq_gemv_rows import awq_gemv_rows
+
+            x2d = x.reshape(1, x.shape[-1]).contiguous()
+            y = awq_gemv_rows(x2d, layer.qweight, layer.qzeros, by_nibble,
+                              self.config.group_size or x.shape[-1], bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         kpack = layer.kpack
         gemv_tokens = getattr(layer, "gemv_tokens", self.max_gemv_tokens)
         if (kpack is not None and 0 < num_tokens <= gemv_tokens
