@@ -56,11 +56,19 @@ _D_B = tl.constexpr(256.0)  # class B code: 1 + q/256
 
 
 @triton.jit
+def _load(ptrs, mask, EVEN_N: tl.constexpr):
+    """ptrs' values; with EVEN_N no mask (every column exists), else 0 past N."""
+    if EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _chunk_terms(a, sc_base, offs_w, zw, x_sum, NIBBLE: tl.constexpr, D: tl.constexpr,
-                 words_per_row, mask):
+                 words_per_row, mask, EVEN_N: tl.constexpr):
     """Nibble NIBBLE's chunk sums ``a`` made exact: (s D) a - s (D + z) X."""
-    scale = tl.load(sc_base + NIBBLE * words_per_row + offs_w, mask=mask, other=0.0)
-    scale = scale.to(tl.float32)
+    scale = _load(sc_base + NIBBLE * words_per_row + offs_w, mask, EVEN_N).to(tl.float32)
     zero = ((zw >> (4 * NIBBLE)) & 0xF).to(tl.float32)
     return (scale * D) * a - (scale * (D + zero)) * x_sum
 
@@ -70,7 +78,8 @@ def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, partial_ptr,
     N, K, words_per_row, k_per_split, group_size, one_bits,
     CHUNK: tl.constexpr, ROWS: tl.constexpr, WARPS: tl.constexpr, WORDS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """y[0, tile] over K range [s * k_per_split, + k_per_split) of program (n, s).
 
@@ -83,6 +92,7 @@ def _awq_gemv_rows_kernel(
       ROWS: rows a warp takes per step (x values a thread holds).
       WARPS: warps a program (= num_warps), each on its own rows of a step.
       WORDS: int32 words a thread holds per row (T; 4 = 16-byte loads).
+      EVEN_N: N / 8 is a multiple of 32 T: no column masks (nor the zeroing they cost).
       HAS_BIAS, IS_SPLIT: as in ``kvflow.kernels.gemv.split_k_epilogue``.
       USE_PDL: launched with ``kvflow.kernels.pdl.launch_options``.
 
@@ -103,7 +113,7 @@ def _awq_gemv_rows_kernel(
     x_offs = offs_v * ROWS  # [1, V, 1, 1]: warp v's first row in a step
     w_offs = x_offs * words_per_row + word  # [1, V, 32, T]
     e_offs = word + offs_v * 0  # [1, V, 32, T]: the same words for every warp
-    e_mask = e_offs < words_per_row
+    e_mask = None if EVEN_N else e_offs < words_per_row
     k_start = pid_s * k_per_split
     num_chunks = (tl.minimum(K, k_start + k_per_split) - k_start) // CHUNK
     y0 = tl.zeros((1, WARPS, 32, WORDS), dtype=tl.float32)
@@ -124,14 +134,17 @@ def _awq_gemv_rows_kernel(
         a5 = tl.zeros((1, WARPS, 32, WORDS), dtype=tl.float32)
         a6 = tl.zeros((1, WARPS, 32, WORDS), dtype=tl.float32)
         a7 = tl.zeros((1, WARPS, 32, WORDS), dtype=tl.float32)
-        x_sum = tl.zeros((1, WARPS, 1, 1), dtype=tl.float32)
+        # X of each warp's rows, made from a0 so that it shares the tile's layout (one
+        # load of x a row serves both it and the FMAs).
+        x_sum = tl.sum(tl.sum(a0, axis=3, keep_dims=True), axis=2, keep_dims=True)
+        w_base = qw_ptr + k_chunk.to(tl.int64) * words_per_row  # scalar: row k_chunk
+        x_base = x_ptr + k_chunk
         for i in range(0, CHUNK // STEP):
             # Row by row (unrolled), so that each code costs one FMA into its column's sum.
             for r in tl.static_range(ROWS):
-                k = k_chunk + i * STEP + r
-                p = tl.load(qw_ptr + k.to(tl.int64) * words_per_row + w_offs, mask=e_mask,
-                            other=0).to(tl.uint32, bitcast=True)  # [1, V, 32, T]
-                xv = tl.load(x_ptr + k + x_offs).to(tl.float32)  # [1, V, 1, 1]
+                p = _load(w_base + (w_offs + r * words_per_row), e_mask, EVEN_N)
+                p = p.to(tl.uint32, bitcast=True)  # [1, V, 32, T]
+                xv = tl.load(x_base + (x_offs + r)).to(tl.float32)  # [1, V, 1, 1]
                 x_sum += xv
                 # Nibble i sits at bits 4i..4i+3; each shift brings nibbles 2j (class B,
                 # bits 15..18) and 2j + 1 (class A, bits 19..22) into place.
@@ -147,19 +160,29 @@ def _awq_gemv_rows_kernel(
                 t = p >> 9
                 a6 += xv * _as_float(t, _MASK_B, one_bits)
                 a7 += xv * _as_float(t, _MASK_A, one_bits)
+            w_base += STEP * words_per_row
+            x_base += STEP
         # The chunk lies in one group: its zeros (a word per word) and scales by nibble.
         group = (k_chunk // group_size).to(tl.int64)
-        zw = tl.load(qz_ptr + group * words_per_row + e_offs, mask=e_mask, other=0)
+        zw = _load(qz_ptr + group * words_per_row + e_offs, e_mask, EVEN_N)
         zw = zw.to(tl.uint32, bitcast=True)  # [1, V, 32, T]
         sc_base = sc_ptr + group * (8 * words_per_row)
-        y0 += _chunk_terms(a0, sc_base, e_offs, zw, x_sum, 0, _D_B, words_per_row, e_mask)
-        y1 += _chunk_terms(a1, sc_base, e_offs, zw, x_sum, 1, _D_A, words_per_row, e_mask)
-        y2 += _chunk_terms(a2, sc_base, e_offs, zw, x_sum, 2, _D_B, words_per_row, e_mask)
-        y3 += _chunk_terms(a3, sc_base, e_offs, zw, x_sum, 3, _D_A, words_per_row, e_mask)
-        y4 += _chunk_terms(a4, sc_base, e_offs, zw, x_sum, 4, _D_B, words_per_row, e_mask)
-        y5 += _chunk_terms(a5, sc_base, e_offs, zw, x_sum, 5, _D_A, words_per_row, e_mask)
-        y6 += _chunk_terms(a6, sc_base, e_offs, zw, x_sum, 6, _D_B, words_per_row, e_mask)
-        y7 += _chunk_terms(a7, sc_base, e_offs, zw, x_sum, 7, _D_A, words_per_row, e_mask)
+        y0 += _chunk_terms(a0, sc_base, e_offs, zw, x_sum, 0, _D_B, words_per_row, e_mask,
+                              EVEN_N)
+        y1 += _chunk_terms(a1, sc_base, e_offs, zw, x_sum, 1, _D_A, words_per_row, e_mask,
+                              EVEN_N)
+        y2 += _chunk_terms(a2, sc_base, e_offs, zw, x_sum, 2, _D_B, words_per_row, e_mask,
+                              EVEN_N)
+        y3 += _chunk_terms(a3, sc_base, e_offs, zw, x_sum, 3, _D_A, words_per_row, e_mask,
+                              EVEN_N)
+        y4 += _chunk_terms(a4, sc_base, e_offs, zw, x_sum, 4, _D_B, words_per_row, e_mask,
+                              EVEN_N)
+        y5 += _chunk_terms(a5, sc_base, e_offs, zw, x_sum, 5, _D_A, words_per_row, e_mask,
+                              EVEN_N)
+        y6 += _chunk_terms(a6, sc_base, e_offs, zw, x_sum, 6, _D_B, words_per_row, e_mask,
+                              EVEN_N)
+        y7 += _chunk_terms(a7, sc_base, e_offs, zw, x_sum, 7, _D_A, words_per_row, e_mask,
+                              EVEN_N)
     # Warps add up their rows; nibble i is column 8w + AWQ_ORDER[i].
     col = tl.reshape(word, (32, WORDS)) * 8
     out_mask = col < N
@@ -278,6 +301,7 @@ def awq_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         x, qweight, qzeros, scales, bias if bias is not None else out, out, partial,
         num_out, num_in, words_per_row, per_split, group_size, _ONE_BITS,
         CHUNK=chunk, ROWS=cfg.rows, WARPS=cfg.warps, WORDS=cfg.words,
+        EVEN_N=words_per_row % (32 * cfg.words) == 0,
         HAS_BIAS=bias is not None and not is_split, IS_SPLIT=is_split,
         USE_PDL=bool(options), num_warps=cfg.warps, num_stages=1, **options)
     if is_split:
