@@ -65,6 +65,19 @@ def _load(ptrs, mask, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _input(ptrs, K, GATED: tl.constexpr):
+    """x at ``ptrs`` in float32; GATED: silu(gate) * up with up K values further, each
+    step rounded to x's dtype (``kvflow.kernels.activation._silu_and_mul_kernel``)."""
+    if GATED:
+        gate = tl.load(ptrs).to(tl.float32)
+        up = tl.load(ptrs + K).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(ptrs.dtype.element_ty).to(tl.float32)
+        return (act * up).to(ptrs.dtype.element_ty).to(tl.float32)
+    else:
+        return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
 def _chunk_terms(a, sc_base, offs_w, zw, x_sum, NIBBLE: tl.constexpr, D: tl.constexpr,
                  words_per_row, mask, EVEN_N: tl.constexpr):
     """Nibble NIBBLE's chunk sums ``a`` made exact: (s D) a - s (D + z) X."""
@@ -78,8 +91,8 @@ def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, partial_ptr,
     N, K, words_per_row, k_per_split, group_size, one_bits,
     CHUNK: tl.constexpr, ROWS: tl.constexpr, WARPS: tl.constexpr, WORDS: tl.constexpr,
-    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    EVEN_N: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """y[0, tile] over K range [s * k_per_split, + k_per_split) of program (n, s).
 
@@ -93,6 +106,9 @@ def _awq_gemv_rows_kernel(
       WARPS: warps a program (= num_warps), each on its own rows of a step.
       WORDS: int32 words a thread holds per row (T; 4 = 16-byte loads).
       EVEN_N: N / 8 is a multiple of 32 T: no column masks (nor the zeroing they cost).
+      GATED: x_ptr is the MLP's [gate | up] row (2K values) and the input is
+        silu(gate) * up, rounded as ``kvflow.kernels.activation`` rounds it (so the
+        activation kernel's launch and its round trip through memory go away).
       HAS_BIAS, IS_SPLIT: as in ``kvflow.kernels.gemv.split_k_epilogue``.
       USE_PDL: launched with ``kvflow.kernels.pdl.launch_options``.
 
@@ -144,7 +160,7 @@ def _awq_gemv_rows_kernel(
             for r in tl.static_range(ROWS):
                 p = _load(w_base + (w_offs + r * words_per_row), e_mask, EVEN_N)
                 p = p.to(tl.uint32, bitcast=True)  # [1, V, 32, T]
-                xv = tl.load(x_base + (x_offs + r)).to(tl.float32)  # [1, V, 1, 1]
+                xv = _input(x_base + (x_offs + r), K, GATED)  # [1, V, 1, 1] float32
                 x_sum += xv
                 # Nibble i sits at bits 4i..4i+3; each shift brings nibbles 2j (class B,
                 # bits 15..18) and 2j + 1 (class A, bits 19..22) into place.
@@ -265,14 +281,16 @@ def rows_unsupported_reason(num_in: int, num_out: int, group_size: int,
 def awq_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                   scales_by_nibble: torch.Tensor, group_size: int,
                   bias: Optional[torch.Tensor] = None,
-                  config: Optional[AWQGemvRowsConfig] = None) -> torch.Tensor:
+                  config: Optional[AWQGemvRowsConfig] = None,
+                  gated: bool = False) -> torch.Tensor:
     """x [1, K] (fp16/bf16) @ W.T (+ bias [N]) -> [1, N] in x's dtype, W the AWQ layer
     (``qweight`` [K, N/8], ``qzeros`` [K/G, N/8], and its scales as
     ``nibble_major_scales`` makes them, fp16 [K/G, 8, N/8]); read only. ``group_size``
-    is G (K for one group)."""
+    is G (K for one group). ``gated``: x is [1, 2K] = [gate | up] and the input is
+    silu(gate) * up (``kvflow.kernels.activation.silu_and_mul``, fused)."""
     assert x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16), (
         f"x must be [1, K] fp16/bf16, got {x.dtype} {tuple(x.shape)}")
-    num_in = x.shape[1]
+    num_in = x.shape[1] // 2 if gated else x.shape[1]
     assert x.stride(1) == 1, "x's K dim must be contiguous"
     assert qweight.dtype == torch.int32 and qweight.is_contiguous() and qweight.shape[0] == num_in
     words_per_row = qweight.shape[1]
@@ -301,7 +319,7 @@ def awq_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         x, qweight, qzeros, scales, bias if bias is not None else out, out, partial,
         num_out, num_in, words_per_row, per_split, group_size, _ONE_BITS,
         CHUNK=chunk, ROWS=cfg.rows, WARPS=cfg.warps, WORDS=cfg.words,
-        EVEN_N=words_per_row % (32 * cfg.words) == 0,
+        EVEN_N=words_per_row % (32 * cfg.words) == 0, GATED=gated,
         HAS_BIAS=bias is not None and not is_split, IS_SPLIT=is_split,
         USE_PDL=bool(options), num_warps=cfg.warps, num_stages=1, **options)
     if is_split:

@@ -56,6 +56,13 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repacks loaded weights for the fast path, if the method has one."""
 
+    def apply_silu_mul(self, layer: nn.Module, gate_up: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """silu(gate) * up @ W.T (+ bias) from gate_up [..., 2K] = [gate | up] in one
+        kernel, or None where the method has no such kernel for this input (the caller
+        then runs the activation and ``apply``)."""
+        return None
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            max_gemv_tokens: int = DEFAULT_MAX_GEMV_TOKENS) -> torch.Tensor:
@@ -252,7 +259,15 @@ class RowParallelLinear(LinearBase):
                          linear_method=linear_method, shard_output=False, shard_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.method.apply(self, x, None)
+        return self._finish(self.method.apply(self, x, None))
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> Optional[torch.Tensor]:
+        """``forward(silu(gate) * up)`` with the activation fused into the matmul where
+        the method can (``LinearMethod.apply_silu_mul``), else None."""
+        y = self.method.apply_silu_mul(self, gate_up, None)
+        return None if y is None else self._finish(y)
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.reduce_results:
             y = tp_all_reduce(y)
         if self.bias is not None:

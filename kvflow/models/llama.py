@@ -151,7 +151,9 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        fused = self.down_proj.forward_silu_mul(gate_up)  # one kernel where the method can
+        return fused if fused is not None else self.down_proj(self.act(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -332,6 +332,23 @@ class AWQLinearMethod(LinearMethod):
         layer.int4pack = awq_int4pack.convert_awq(layer.qweight, layer.qzeros, layer.scales,
                                                   self.config.group_size)
 
+    def apply_silu_mul(self, layer: nn.Module, gate_up: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """One token on ``awq_gemv_rows`` computes silu(gate) * up as it reads its input
+        (the activation kernel's launch saved); anything else returns None."""
+        by_nibble = getattr(layer, "scales_by_nibble", None)
+        num_tokens = gate_up.numel() // gate_up.shape[-1]
+        if (by_nibble is None or num_tokens != 1
+                or gate_up.dtype not in (torch.float16, torch.bfloat16)):
+            return None
+        from kvflow.kernels.awq_gemv_rows import awq_gemv_rows
+
+        num_in = gate_up.shape[-1] // 2
+        x2d = gate_up.reshape(1, 2 * num_in).contiguous()
+        y = awq_gemv_rows(x2d, layer.qweight, layer.qzeros, by_nibble,
+                          self.config.group_size or num_in, bias, gated=True)
+        return y.reshape(*gate_up.shape[:-1], y.shape[-1])
+
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         cached = layer.dequantized_weight

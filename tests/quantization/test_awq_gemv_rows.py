@@ -133,3 +133,50 @@ def test_linear_method_rows_runs_one_token(monkeypatch):
         assert bool(calls) == uses_rows
         assert got.dtype == torch.float16 and got.shape == (num_tokens, 2 * inter)
         assert (got.float() - reference).abs().max() <= 2e-3 * reference.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gated_input_is_silu_and_mul_fused(dtype):
+    # x = [gate | up]; the kernel must equal silu_and_mul (rounded as it rounds) then the
+    # matmul, i.e. the unfused path, to one rounding of the output.
+    from kvflow.kernels.ref import silu_and_mul
+
+    num_in, num_out, group = 384, 256, 64
+    qweight, qzeros, scales = _packed(num_in, num_out, group, seed=9)
+    weight = awq_format.dequantize(qweight, qzeros, scales, torch.float32)
+    gen = torch.Generator().manual_seed(10)
+    gate_up = (torch.randn(1, 2 * num_in, generator=gen) * 2).to(dtype).to(DEVICE)
+    expected = silu_and_mul(gate_up).float() @ weight.t()
+    got = kernels.awq_gemv_rows(gate_up, qweight, qzeros, kernels.nibble_major_scales(scales),
+                                group, config=Cfg(words=2, rows=4, warps=2, split_k=2),
+                                gated=True)
+    assert got.shape == (1, num_out)
+    assert (got.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+
+
+def test_row_parallel_forward_silu_mul(monkeypatch):
+    """RowParallelLinear.forward_silu_mul: the rows method fuses one token (bias added
+    after, as forward does) and declines two; the plain method always declines."""
+    from kvflow.kernels.ref import silu_and_mul
+
+    monkeypatch.setattr(linear_layers, "get_tp_size", lambda: 1)
+    monkeypatch.setattr(linear_layers, "get_tp_rank", lambda: 0)
+    inter, hidden, group = 128, 64, 32
+    gen = torch.Generator().manual_seed(13)
+    method = AWQLinearMethod(AWQConfig(group_size=group), kernel="rows")
+    layer = linear_layers.RowParallelLinear(inter, hidden, bias=True, linear_method=method,
+                                            dtype=torch.float16)
+    for name, tensor in zip(("qweight", "qzeros", "scales"),
+                            awq_format.quantize(torch.randn(hidden, inter, generator=gen), group)):
+        layer.weight_loader(getattr(layer, name), tensor, None)
+    layer.weight_loader(layer.bias, torch.randn(hidden, generator=gen).half(), None)
+    layer.to(DEVICE)
+    method.process_weights_after_loading(layer)
+    one = torch.randn(1, 2 * inter, generator=gen).half().to(DEVICE)
+    fused = layer.forward_silu_mul(one)
+    unfused = layer(silu_and_mul(one))
+    assert fused is not None
+    assert (fused.float() - unfused.float()).abs().max() <= 2e-3 * unfused.abs().max()
+    assert layer.forward_silu_mul(torch.randn(2, 2 * inter).half().to(DEVICE)) is None
+    plain = linear_layers.RowParallelLinear(inter, hidden, dtype=torch.float16).to(DEVICE)
+    assert plain.forward_silu_mul(one) is None
