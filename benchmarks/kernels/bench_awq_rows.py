@@ -44,10 +44,9 @@ def candidates(explicit: tuple[tuple[int, ...], ...] = ()) -> list:
 
     if explicit:
         return [AWQGemvRowsConfig(words=t, rows=r, warps=v, split_k=s) for t, r, v, s in explicit]
-    tiles = [(t, r, v) for t in (2, 4) for r in (4, 8, 16) for v in (2, 4, 8)]
-    tiles += [(1, 8, 4), (1, 16, 4), (1, 8, 8), (1, 16, 8)]
+    tiles = [(t, r, v) for t in (2, 4) for r in (8, 16) for v in (4, 8)] + [(1, 16, 8)]
     return [AWQGemvRowsConfig(words=t, rows=r, warps=v, split_k=s)
-            for t, r, v in tiles for s in (1, 2, 4, 8, 16, 32)]
+            for t, r, v in tiles for s in (1, 2, 4, 8, 16)]
 
 
 def _warm(cfgs: list[dict]) -> int:
