@@ -4,8 +4,9 @@ Shape letters: K = input features, N = output features, G = group size, S = K sp
 R = rows (inputs) a warp takes per step, V = warps a program (each its own rows),
 T = int32 words a thread holds per row. The layout is the checkpoint's own
 (``kvflow.quantization.awq_format``): ``qweight`` int32 [K, N/8] (eight output
-columns a word), ``qzeros`` int32 [K/G, N/8], ``scales`` fp16 [K/G, N]. Nothing is
-repacked.
+columns a word) and ``qzeros`` int32 [K/G, N/8] are read as published; the scales
+fp16 [K/G, N] as a nibble-major copy (``nibble_major_scales``, 1/64 of the codes'
+bytes), so that a thread's words have contiguous scales. The codes are not repacked.
 
 Why a kernel over this layout: at one token the K-packed GEMV (``awq_gemv``) pays for
 x, not for the weights. A word there is eight inputs of one column, so each 4-byte
@@ -17,8 +18,8 @@ its thread until the end. A thread owns T consecutive words (16-byte loads at T 
 and walks down K::
 
     program (n, s): words [n*32T, (n+1)*32T) of every row in K range s
-    step:    rows r of warp v:  k = k0 + v*R + r       tile [R, V, 32, T] int32
-    thread:  a_p[v, lane, t] += sum_r x[k] * f_p(word)      (p = nibble 0..7)
+    step:    warp v takes rows k0 + v*R + r, r = 0..R-1, one [1, V, 32, T] load each
+    thread:  a_p[v, lane, t] += x[k] * f_p(word)        (p = nibble 0..7, one FMA)
 
 A code becomes a float without an int->float conversion: shifting the word puts two
 nibbles at mantissa bits 15..18 and 19..22, and one and-or per code makes the float
@@ -47,9 +48,9 @@ import triton
 import triton.language as tl
 
 from kvflow.kernels import pdl
-from kvflow.quantization import awq_format
 from kvflow.kernels.awq_gemv import _MASK_A, _MASK_B, _ONE_BITS, _as_float
 from kvflow.kernels.gemv import split_k_epilogue, sum_splits
+from kvflow.quantization import awq_format
 
 _D_A = tl.constexpr(16.0)  # class A code: 1 + q/16
 _D_B = tl.constexpr(256.0)  # class B code: 1 + q/256
@@ -257,7 +258,7 @@ def default_rows_config(n: int, k: int, group_size: int) -> AWQGemvRowsConfig:
     return AWQGemvRowsConfig(words=4, rows=8, warps=4, split_k=split, chunk=128)
 
 
-def _chunk_for(num_in: int, group_size: int, chunk: int, step: int) -> int:
+def _chunk_for(group_size: int, chunk: int, step: int) -> int:
     """The largest power-of-two fraction of ``chunk`` (>= step) dividing the group."""
     chunk = min(chunk, group_size)
     while group_size % chunk and chunk > step:
@@ -269,7 +270,7 @@ def rows_unsupported_reason(num_in: int, num_out: int, group_size: int,
                             config: AWQGemvRowsConfig = AWQGemvRowsConfig()) -> Optional[str]:
     """Why the kernel cannot run a [N, K] layer with these settings, or None."""
     step = config.rows * config.warps
-    chunk = _chunk_for(num_in, group_size, config.chunk, step)
+    chunk = _chunk_for(group_size, config.chunk, step)
     if group_size % chunk or chunk % step or num_in % chunk:
         return (f"K={num_in} with group {group_size} has no chunk of whole {step}-row "
                 "steps inside one group")
@@ -305,7 +306,7 @@ def awq_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     reason = rows_unsupported_reason(num_in, num_out, group_size, cfg)
     assert reason is None, reason
     step = cfg.rows * cfg.warps
-    chunk = _chunk_for(num_in, group_size, cfg.chunk, step)
+    chunk = _chunk_for(group_size, cfg.chunk, step)
     chunks = num_in // chunk
     per_split = triton.cdiv(chunks, min(cfg.split_k, chunks)) * chunk
     num_splits = triton.cdiv(num_in, per_split)
