@@ -96,3 +96,22 @@ def write_awq_pair(src: str, root: str, *, group_size: Optional[int],
     with open(cfg_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return AWQPair(awq_dir, deq_dir)
+
+
+def loaded_gate_up_layer(method: Any, hidden: int, inter: int, group: int,
+                         gen: torch.Generator, device: torch.device) -> Any:
+    """A MergedColumnParallelLinear [2 * inter, hidden] (gate | up) of random AWQ weights
+    loaded shard by shard through its weight loader, moved to ``device`` and processed by
+    ``method`` as the model loader does. The caller fixes the tensor-parallel size to 1."""
+    from kvflow.layers import linear as linear_layers
+
+    gate, up = (awq_format.quantize(torch.randn(inter, hidden, generator=gen), group)
+                for _ in range(2))
+    layer = linear_layers.MergedColumnParallelLinear(
+        hidden, [inter, inter], linear_method=method, dtype=torch.float16)
+    for packed, shard in ((gate, 0), (up, 1)):
+        for name, tensor in zip(("qweight", "qzeros", "scales"), packed):
+            layer.weight_loader(getattr(layer, name), tensor, shard)
+    layer.to(device)  # before processing, as the loader does (repacks are no parameters)
+    method.process_weights_after_loading(layer)
+    return layer

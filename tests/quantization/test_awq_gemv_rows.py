@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from awq_checkpoints import loaded_gate_up_layer
 from kvflow.kernels import awq_gemv_rows as kernels
 from kvflow.layers import linear as linear_layers
 from kvflow.quantization import awq_format
@@ -110,15 +111,7 @@ def test_linear_method_rows_runs_one_token(monkeypatch):
     hidden, inter, group = 128, 96, 32
     gen = torch.Generator().manual_seed(11)
     method = AWQLinearMethod(AWQConfig(group_size=group), kernel="rows")
-    gate, up = (awq_format.quantize(torch.randn(inter, hidden, generator=gen), group)
-                for _ in range(2))
-    layer = linear_layers.MergedColumnParallelLinear(
-        hidden, [inter, inter], linear_method=method, dtype=torch.float16)
-    for packed, shard in ((gate, 0), (up, 1)):
-        for name, tensor in zip(("qweight", "qzeros", "scales"), packed):
-            layer.weight_loader(getattr(layer, name), tensor, shard)
-    layer.to(DEVICE)
-    method.process_weights_after_loading(layer)
+    layer = loaded_gate_up_layer(method, hidden, inter, group, gen, DEVICE)
     assert layer.scales_by_nibble is not None
     assert layer.kpack is None and layer.int4pack is None and layer.dequantized_weight is None
     exact = awq_format.dequantize(layer.qweight, layer.qzeros, layer.scales)  # [N, K]
