@@ -14,6 +14,15 @@ from kvflow.kernels import pdl
 
 
 @triton.jit
+def silu_times(gate, up, DTYPE: tl.constexpr):
+    """silu(gate) * up in float32 from float32 operands, rounded to DTYPE after the silu
+    and after the product (torch's ``F.silu(a) * b`` in half precision); shared with
+    the AWQ GEMV that reads its input this way (``awq_gemv_rows``, GATED)."""
+    act = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+    return (act * up).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     out_ptr, x_ptr, inter_size, stride_x, stride_o,
     BLOCK: tl.constexpr,
@@ -36,8 +45,8 @@ def _silu_and_mul_kernel(
     mask = cols < inter_size
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter_size + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    out = silu_times(gate, up, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

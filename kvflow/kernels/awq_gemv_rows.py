@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from kvflow.kernels import pdl
+from kvflow.kernels.activation import silu_times
 from kvflow.kernels.awq_gemv import _MASK_A, _MASK_B, _ONE_BITS, _as_float
 from kvflow.kernels.gemv import split_k_epilogue, sum_splits
 from kvflow.quantization import awq_format
@@ -67,13 +68,12 @@ def _load(ptrs, mask, EVEN_N: tl.constexpr):
 
 @triton.jit
 def _input(ptrs, K, GATED: tl.constexpr):
-    """x at ``ptrs`` in float32; GATED: silu(gate) * up with up K values further, each
-    step rounded to x's dtype (``kvflow.kernels.activation._silu_and_mul_kernel``)."""
+    """x at ``ptrs`` in float32; GATED: silu(gate) * up with up K values further,
+    rounded as the activation kernel rounds it (``kvflow.kernels.activation.silu_times``)."""
     if GATED:
         gate = tl.load(ptrs).to(tl.float32)
         up = tl.load(ptrs + K).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(ptrs.dtype.element_ty).to(tl.float32)
-        return (act * up).to(ptrs.dtype.element_ty).to(tl.float32)
+        return silu_times(gate, up, ptrs.dtype.element_ty)
     else:
         return tl.load(ptrs).to(tl.float32)
 

@@ -336,34 +336,36 @@ class AWQLinearMethod(LinearMethod):
                        bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """One token on ``awq_gemv_rows`` computes silu(gate) * up as it reads its input
         (the activation kernel's launch saved); anything else returns None."""
-        by_nibble = getattr(layer, "scales_by_nibble", None)
-        num_tokens = gate_up.numel() // gate_up.shape[-1]
-        if (by_nibble is None or num_tokens != 1
-                or gate_up.dtype not in (torch.float16, torch.bfloat16)):
+        if not self._takes_rows(layer, gate_up):
             return None
+        return self._apply_rows(layer, gate_up, bias, gated=True)
+
+    @staticmethod
+    def _takes_rows(layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``awq_gemv_rows`` runs x: one fp16/bf16 token on a layer prepared for it."""
+        return (getattr(layer, "scales_by_nibble", None) is not None
+                and x.numel() == x.shape[-1] and x.dtype in (torch.float16, torch.bfloat16))
+
+    def _apply_rows(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
+                    gated: bool) -> torch.Tensor:
+        """x [..., K] (or [..., 2K] = [gate | up] when ``gated``), one token, on
+        ``awq_gemv_rows``."""
         from kvflow.kernels.awq_gemv_rows import awq_gemv_rows
 
-        num_in = gate_up.shape[-1] // 2
-        x2d = gate_up.reshape(1, 2 * num_in).contiguous()
-        y = awq_gemv_rows(x2d, layer.qweight, layer.qzeros, by_nibble,
-                          self.config.group_size or num_in, bias, gated=True)
-        return y.reshape(*gate_up.shape[:-1], y.shape[-1])
+        num_in = x.shape[-1] // 2 if gated else x.shape[-1]
+        y = awq_gemv_rows(x.reshape(1, x.shape[-1]).contiguous(), layer.qweight, layer.qzeros,
+                          layer.scales_by_nibble, self.config.group_size or num_in, bias,
+                          gated=gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         cached = layer.dequantized_weight
         if cached is not None:
             return F.linear(x, cached, bias)
+        if self._takes_rows(layer, x):
+            return self._apply_rows(layer, x, bias, gated=False)
         num_tokens = x.numel() // x.shape[-1]
-        by_nibble = getattr(layer, "scales_by_nibble", None)
-        if (by_nibble is not None and num_tokens == 1
-                and x.dtype in (torch.float16, torch.bfloat16)):
-            from kvflow.kernels.awq_gemv_rows import awq_gemv_rows
-
-            x2d = x.reshape(1, x.shape[-1]).contiguous()
-            y = awq_gemv_rows(x2d, layer.qweight, layer.qzeros, by_nibble,
-                              self.config.group_size or x.shape[-1], bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
         kpack = layer.kpack
         gemv_tokens = getattr(layer, "gemv_tokens", self.max_gemv_tokens)
         if (kpack is not None and 0 < num_tokens <= gemv_tokens
